@@ -1,0 +1,111 @@
+"""Full fine-tuning vs static freezing vs AutoFreeze, side by side on the same data and seed.
+
+    python bench/compare.py                     # the README's setting: MiniLM-L6, IMDb 4,000 / 5,000, 3 epochs
+    python bench/compare.py --max_train_samples 640 --max_eval_samples 500 --num_train_epochs 1   # a quick look
+
+Each run is ``launch/finetune.py`` with one config from configs/, run one after another (never
+concurrently: on 2 cores a parallel run would distort both timings). Speedup = full's
+train_runtime / the run's train_runtime (training steps only; evaluation and checkpoints are
+excluded from both and reported separately). Prints a markdown table; writes results.json and
+timeline.png under --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUNS = {"full": "configs/full.json", "static": "configs/static.json", "autofreeze": "configs/autofreeze.json"}
+
+
+def run_one(name: str, config: str, args: argparse.Namespace) -> dict:
+    out_dir = os.path.join(args.out, name)
+    cmd = [sys.executable, os.path.join(ROOT, "launch", "finetune.py"), "--deepspeed_config",
+           os.path.join(ROOT, config), "--output_dir", out_dir, "--max_train_samples", str(args.max_train_samples),
+           "--max_eval_samples", str(args.max_eval_samples), "--max_seq_length", str(args.max_seq_length),
+           "--num_train_epochs", str(args.num_train_epochs), "--seed", str(args.seed), "--no_progress"]
+    os.makedirs(out_dir, exist_ok=True)
+    log_path = os.path.join(out_dir, "log.txt")
+    print(f"[{name}] {' '.join(cmd)}  (log: {log_path})", flush=True)
+    start = time.perf_counter()
+    with open(log_path, "w") as log:
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    if proc.returncode != 0:
+        with open(log_path) as f:
+            tail = f.read()[-3000:]
+        raise SystemExit(f"[{name}] failed with exit code {proc.returncode}:\n{tail}")
+    with open(os.path.join(out_dir, "all_results.json")) as f:
+        result = json.load(f)
+    result["wall_seconds"] = round(time.perf_counter() - start, 1)
+    print(f"[{name}] accuracy {result['eval_accuracy']:.4f}, train {result['train_runtime']:.1f}s, "
+          f"frozen {result['final_frozen_blocks']}", flush=True)
+    return result
+
+
+def table(results: dict[str, dict]) -> str:
+    base = results.get("full")
+    rows = ["| run | eval accuracy | Δ vs full (pt) | train time (s) | speedup vs full | frozen blocks over time |",
+            "|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        delta = f"{100 * (r['eval_accuracy'] - base['eval_accuracy']):+.2f}" if base else "n/a"
+        speedup = f"{base['train_runtime'] / r['train_runtime']:.2f}x" if base else "n/a"
+        events = ", ".join(f"{e['frozen_blocks']}@{e['step']}" for e in r["freeze_events"]) or "none"
+        rows.append(f"| {name} | {r['eval_accuracy']:.4f} | {delta} | {r['train_runtime']:.1f} | {speedup} | "
+                    f"{events} (of {r['num_blocks']}; k@step) |")
+    return "\n".join(rows)
+
+
+def plot(results: dict[str, dict], path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_frozen, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, r in results.items():
+        end = r["train_runtime"]
+        times, blocks = [0.0], [0]
+        for e in r["freeze_events"]:
+            times += [e["train_time"], e["train_time"]]
+            blocks += [blocks[-1], e["frozen_blocks"]]
+        times.append(end)
+        blocks.append(blocks[-1])
+        ax_frozen.plot(times, blocks, label=name)
+        ax_acc.plot([h["train_time"] for h in r["epochs"]], [h["eval_accuracy"] for h in r["epochs"]], "o-",
+                    label=name)
+    ax_frozen.set(xlabel="training time (s)", ylabel="frozen blocks", title="frozen prefix over time")
+    ax_acc.set(xlabel="training time (s)", ylabel="held-out accuracy", title="accuracy after each epoch")
+    for ax in (ax_frozen, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--max_train_samples", type=int, default=4000)
+    p.add_argument("--max_eval_samples", type=int, default=5000)
+    p.add_argument("--max_seq_length", type=int, default=128)
+    p.add_argument("--num_train_epochs", type=int, default=3)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
+    p.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "compare"))
+    args = p.parse_args()
+
+    results = {name: run_one(name, RUNS[name], args) for name in args.runs}
+    md = table(results)
+    print("\n" + md)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump({"command": " ".join(sys.argv), "settings": vars(args), "results": results, "table": md}, f,
+                  indent=1)
+    plot(results, os.path.join(args.out, "timeline.png"))
+    print(f"\nwrote {os.path.join(args.out, 'results.json')} and timeline.png")
+
+
+if __name__ == "__main__":
+    main()

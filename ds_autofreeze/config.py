@@ -1,0 +1,101 @@
+"""The ``"autofreeze"`` section of a DeepSpeed JSON config, validated before anything runs.
+
+Every key is declared once here, with its default, its constraint and a docstring; nothing
+else in the package falls back to a default of its own. Pydantic forbids unknown keys, so a
+misspelt key fails at startup with an error that names it (as DeepSpeed's own config models do).
+"""
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Mapping, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+AUTOFREEZE = "autofreeze"
+
+
+class ConfigError(ValueError):
+    """A config value is wrong; the message names the key."""
+
+
+class _ConfigModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, validate_default=True,
+                              use_attribute_docstrings=True)
+
+
+class _DeciderBase(_ConfigModel):
+    min_trainable: int = Field(1, ge=1)
+    """The last ``min_trainable`` blocks are never frozen (the head never is)."""
+
+
+class GradNormConfig(_DeciderBase):
+    """The paper's rule: freeze the prefix of blocks whose gradient norm stopped changing."""
+    name: Literal["gradnorm"] = "gradnorm"
+    num_intervals: int = Field(10, ge=2)
+    """Decisions per run: one every ``total_steps // num_intervals`` optimizer steps."""
+    interval_steps: Optional[int] = Field(None, ge=1)
+    """Optimizer steps between decisions; overrides ``num_intervals`` when set."""
+    percentile: float = Field(50.0, ge=0.0, le=100.0)
+    """Threshold on the per-block gradient-norm change ratios of the trainable blocks."""
+
+
+class StaticConfig(_DeciderBase):
+    """Freeze the first ``num_frozen_blocks`` blocks from step 0 (Lee et al.'s baseline)."""
+    name: Literal["static"] = "static"
+    num_frozen_blocks: int = Field(..., ge=0)
+    """Blocks frozen for the whole run (embeddings included once this is >= 1)."""
+
+
+class ScheduleStep(_ConfigModel):
+    fraction: float = Field(..., ge=0.0, le=1.0)
+    """Fraction of ``total_steps`` at which this boundary takes effect."""
+    num_frozen_blocks: int = Field(..., ge=0)
+    """Blocks frozen from then on."""
+
+
+class ScheduleConfig(_DeciderBase):
+    """Freeze block prefixes at fixed fractions of training (PipeTransformer / Composer style)."""
+    name: Literal["schedule"] = "schedule"
+    schedule: list[ScheduleStep] = Field(..., min_length=1)
+    """Ordered by fraction; boundaries must not decrease (freezing is a prefix that only grows)."""
+
+    @model_validator(mode="after")
+    def _monotone(self) -> "ScheduleConfig":
+        for prev, cur in zip(self.schedule, self.schedule[1:]):
+            if cur.fraction < prev.fraction or cur.num_frozen_blocks < prev.num_frozen_blocks:
+                raise ValueError("schedule entries must be sorted by fraction with non-decreasing "
+                                 "num_frozen_blocks")
+        return self
+
+
+DeciderConfig = Annotated[Union[GradNormConfig, StaticConfig, ScheduleConfig], Field(discriminator="name")]
+
+
+class AutoFreezeConfig(_ConfigModel):
+    enabled: bool = True
+    """Freeze blocks during training. A config without an ``autofreeze`` section is off."""
+    total_steps: Optional[int] = Field(None, ge=1)
+    """Optimizer steps of the whole run. ``launch/finetune.py`` fills it from the data and epochs;
+    needed by the deciders that reason in fractions of training."""
+    decider: DeciderConfig = Field(default_factory=GradNormConfig)
+    """Which rule decides the frozen prefix, and its parameters (``name`` picks the rule)."""
+    log_freezes: bool = True
+    """Print one line on rank 0 each time the boundary moves."""
+
+
+def _format_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in (AUTOFREEZE, *first["loc"]))
+    return f"{loc}: {first['msg']}"
+
+
+def get_autofreeze_config(param_dict: Mapping[str, Any]) -> AutoFreezeConfig:
+    """Validate the ``autofreeze`` section of a DeepSpeed config dict (absent means disabled)."""
+    section = param_dict.get(AUTOFREEZE)
+    if section is None:
+        return AutoFreezeConfig(enabled=False)
+    if not isinstance(section, Mapping):
+        raise ConfigError(f"{AUTOFREEZE}: must be an object, got {type(section).__name__}")
+    try:
+        return AutoFreezeConfig.model_validate(dict(section))
+    except ValidationError as err:
+        raise ConfigError(_format_error(err)) from None

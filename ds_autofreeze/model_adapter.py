@@ -1,0 +1,147 @@
+"""Splits a Hugging Face model into embeddings, an ordered list of blocks, and a head.
+
+The freezing unit is a block; block 0 takes the embeddings with it. Everything that is neither
+embeddings nor a block (pooler, final norm, classifier) is the head and is never frozen.
+
+Running "from block k" reuses the model's own forward, so masks, position handling and the
+head stay exactly Hugging Face's: the block list is swapped for its suffix ``blocks[k:]`` for
+the duration of the call and the hidden states entering block k are substituted by a
+pre-hook. The embeddings still run (a lookup, negligible next to a block) but their output is
+discarded.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class _Layout:
+    embeddings: tuple[str, ...]  # module paths, frozen together with block 0
+    blocks: str  # path of the nn.ModuleList of blocks, in execution order
+
+
+# model_type -> where its parts live, for the *ForSequenceClassification classes.
+_LAYOUTS: dict[str, _Layout] = {
+    "bert": _Layout(("bert.embeddings",), "bert.encoder.layer"),
+    "roberta": _Layout(("roberta.embeddings",), "roberta.encoder.layer"),
+    "xlm-roberta": _Layout(("roberta.embeddings",), "roberta.encoder.layer"),
+    "electra": _Layout(("electra.embeddings", "electra.embeddings_project"), "electra.encoder.layer"),
+    "distilbert": _Layout(("distilbert.embeddings",), "distilbert.transformer.layer"),
+    "gpt2": _Layout(("transformer.wte", "transformer.wpe"), "transformer.h"),
+    "llama": _Layout(("model.embed_tokens",), "model.layers"),
+    "mistral": _Layout(("model.embed_tokens",), "model.layers"),
+    "qwen2": _Layout(("model.embed_tokens",), "model.layers"),
+}
+# MiniLM checkpoints (e.g. all-MiniLM-L6-v2) are model_type "bert".
+SUPPORTED_MODEL_TYPES = tuple(sorted(_LAYOUTS))
+
+
+class UnsupportedModelError(ValueError):
+    pass
+
+
+def _get(root: nn.Module, path: str) -> Optional[nn.Module]:
+    module = root
+    for name in path.split("."):
+        module = getattr(module, name, None)
+        if module is None:
+            return None
+    return module
+
+
+class ModelAdapter:
+    """Block view of a Hugging Face sequence-classification model.
+
+    ``set_frozen(k)`` freezes embeddings + blocks[:k] (requires_grad off, eval mode: no dropout,
+    so a frozen block's output is a pure function of its input and can be cached).
+    """
+
+    def __init__(self, model: nn.Module):
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        layout = _LAYOUTS.get(model_type)
+        if layout is None:
+            raise UnsupportedModelError(
+                f"model type {model_type!r} ({type(model).__name__}) is not supported; "
+                f"supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}")
+        blocks = _get(model, layout.blocks)
+        if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
+            raise UnsupportedModelError(
+                f"{type(model).__name__}: expected a block list at '{layout.blocks}'; only the "
+                f"*ForSequenceClassification classes of {', '.join(SUPPORTED_MODEL_TYPES)} are supported")
+        self.model = model
+        self._layout = layout
+        self.blocks: list[nn.Module] = list(blocks)
+        self.embeddings: list[nn.Module] = [m for m in (_get(model, p) for p in layout.embeddings) if m is not None]
+        self.num_frozen = 0
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    def block_parameters(self, index: int) -> list[nn.Parameter]:
+        return list(self.blocks[index].parameters())
+
+    def frozen_modules(self, num_frozen: int) -> list[nn.Module]:
+        return (self.embeddings + self.blocks[:num_frozen]) if num_frozen > 0 else []
+
+    def set_frozen(self, num_frozen: int) -> None:
+        """Freeze embeddings and blocks[:num_frozen]. The boundary only moves forward."""
+        if not 0 <= num_frozen < self.num_blocks + 1:
+            raise ValueError(f"num_frozen={num_frozen} outside [0, {self.num_blocks}]")
+        if num_frozen < self.num_frozen:
+            raise ValueError(f"freezing is a prefix that only grows: {self.num_frozen} -> {num_frozen}")
+        for module in self.frozen_modules(num_frozen):
+            for p in module.parameters():
+                p.requires_grad_(False)
+                p.grad = None
+            module.eval()
+        self.num_frozen = num_frozen
+
+    def restore_frozen_eval(self) -> None:
+        """Re-apply eval mode to the frozen prefix after a ``model.train()``."""
+        for module in self.frozen_modules(self.num_frozen):
+            module.eval()
+
+    @contextlib.contextmanager
+    def run_from(self, start_block: int, hidden_states: torch.Tensor) -> Iterator[None]:
+        """Within the context, a forward of the model feeds ``hidden_states`` (the output of
+        block ``start_block - 1``, shape (B, T, H)) into block ``start_block`` and skips the
+        blocks before it. Other inputs (attention mask, labels) are passed to the model as usual."""
+        if not 0 < start_block < self.num_blocks:
+            raise ValueError(f"start_block={start_block} outside [1, {self.num_blocks - 1}]")
+        parent_path, _, attr = self._layout.blocks.rpartition(".")
+        parent = _get(self.model, parent_path)
+        full = getattr(parent, attr)
+
+        def substitute(_module, args, kwargs):
+            if args:
+                return (hidden_states, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": hidden_states}
+
+        handle = self.blocks[start_block].register_forward_pre_hook(substitute, with_kwargs=True)
+        # Assigning a new ModuleList through nn.Module.__setattr__ re-registers the same block
+        # objects; no parameter is copied and the original list is put back below.
+        setattr(parent, attr, nn.ModuleList(self.blocks[start_block:]))
+        try:
+            yield
+        finally:
+            setattr(parent, attr, full)
+            handle.remove()
+
+    @contextlib.contextmanager
+    def capture_input(self, block: int, store: list) -> Iterator[None]:
+        """Within the context, append the hidden states entering ``block`` (detached) to store."""
+
+        def grab(_module, args, kwargs):
+            store.append((args[0] if args else kwargs["hidden_states"]).detach())
+
+        handle = self.blocks[block].register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            yield
+        finally:
+            handle.remove()

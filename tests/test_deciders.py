@@ -1,0 +1,143 @@
+import math
+
+import pytest
+
+from ds_autofreeze.config import ConfigError, GradNormConfig, ScheduleConfig, StaticConfig
+from ds_autofreeze.deciders import DECIDERS, GradNormDecider, build_decider
+
+
+def gradnorm(num_blocks=6, interval=10, percentile=50.0, min_trainable=1):
+    return build_decider(GradNormConfig(interval_steps=interval, percentile=percentile, min_trainable=min_trainable),
+                         num_blocks, None)
+
+
+def test_deciders_registry_is_closed():
+    assert set(DECIDERS) == {"gradnorm", "static", "schedule"}
+
+
+def test_gradnorm_decides_only_at_interval_ends():
+    d = gradnorm(interval=10)
+    assert [s for s in range(1, 31) if d.is_decision_step(s)] == [10, 20, 30]
+    assert d.decide(7, 0, None) == 0  # not a decision step: no stats needed, no change
+
+
+def test_gradnorm_interval_from_num_intervals():
+    d = build_decider(GradNormConfig(num_intervals=10), 6, 375)
+    assert d.interval == 37
+
+
+def test_gradnorm_needs_total_steps_without_interval():
+    with pytest.raises(ConfigError, match="total_steps"):
+        build_decider(GradNormConfig(), 6, None)
+
+
+def test_gradnorm_first_decision_only_records():
+    d = gradnorm()
+    assert d.decide(10, 0, [1, 1, 1, 1, 1, 1]) == 0
+    assert d.prev_norms == [1, 1, 1, 1, 1, 1]
+
+
+def test_gradnorm_freezes_prefix_before_first_block_at_threshold():
+    d = gradnorm()
+    d.decide(10, 0, [10.0] * 6)
+    # ratios: 0.01 0.02 0.5 0.03 0.6 0.7 -> median 0.265; first block >= it is block 2
+    cur = [9.9, 9.8, 5.0, 9.7, 4.0, 3.0]
+    assert d.decide(20, 0, cur) == 2
+
+
+def test_gradnorm_percentile_moves_threshold():
+    prev, cur = [10.0] * 6, [9.9, 9.8, 9.7, 9.6, 5.0, 4.0]  # ratios .01 .02 .03 .04 .5 .6
+    low, high = gradnorm(percentile=10), gradnorm(percentile=90)
+    for d in (low, high):
+        d.decide(10, 0, prev)
+    assert low.decide(20, 0, cur) == 1  # threshold 0.015: block 1 reaches it
+    assert high.decide(20, 0, cur) == 5  # threshold 0.55: block 5 is the first to reach it, capped by min_trainable
+
+
+def test_gradnorm_threshold_uses_only_trainable_blocks():
+    d = gradnorm()
+    d.decide(10, 2, [10.0] * 6)
+    # blocks 0,1 frozen (their huge ratios must not raise the threshold); trainable ratios .1 .01 .02 .5
+    cur = [0.0, 0.0, 9.0, 9.9, 9.8, 5.0]
+    # median of (.1, .01, .02, .5) = .06 -> block 2 (.1) reaches it: no change
+    assert d.decide(20, 2, cur) == 2
+
+
+def test_gradnorm_never_unfreezes():
+    d = gradnorm()
+    d.decide(10, 3, [10.0] * 6)
+    # Every trainable block changes a lot; the first one reaching the threshold is block 3 itself.
+    assert d.decide(20, 3, [10, 10, 10, 1.0, 9.0, 9.5]) == 3
+    assert d.clamp(4, 2) == 4
+
+
+def test_gradnorm_respects_min_trainable():
+    cur = [9.9, 9.8, 9.7, 9.6, 9.5, 1.0]  # ratios .01 .02 .03 .04 .05 .9; 90th percentile .475 -> block 5
+    d2 = gradnorm(num_blocks=6, percentile=90, min_trainable=2)
+    d1 = gradnorm(num_blocks=6, percentile=90, min_trainable=1)
+    for d in (d1, d2):
+        d.decide(10, 0, [10.0] * 6)
+    assert d1.decide(20, 0, cur) == 5
+    assert d2.decide(20, 0, cur) == 4  # the last 2 blocks stay trainable
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_gradnorm_nonfinite_statistics_never_freeze(bad):
+    d = gradnorm()
+    d.decide(10, 0, [10.0] * 6)
+    assert d.decide(20, 0, [9.9, 9.9, bad, 5.0, 4.0, 3.0]) == 0
+    assert d.prev_norms == [10.0] * 6  # the broken interval is not the new reference
+    assert d.decide(30, 0, [9.9, 9.8, 5.0, 9.7, 4.0, 3.0]) == 2  # compared against the last good one
+
+
+def test_gradnorm_nonfinite_first_interval_is_not_recorded():
+    d = gradnorm()
+    assert d.decide(10, 0, [math.nan] * 6) == 0
+    assert d.prev_norms is None
+
+
+def test_gradnorm_zero_previous_norm_counts_as_changing():
+    d = gradnorm()
+    d.decide(10, 0, [0.0, 10, 10, 10, 10, 10])
+    assert d.decide(20, 0, [0.0, 9.9, 9.9, 9.9, 9.9, 9.9]) == 0
+
+
+def test_gradnorm_state_round_trip():
+    d = gradnorm()
+    d.decide(10, 0, [1, 2, 3, 4, 5, 6])
+    e = gradnorm()
+    e.load_state_dict(d.state_dict())
+    cur = [0.9, 2, 1, 4, 5, 6]
+    assert e.decide(20, 0, cur) == d.decide(20, 0, cur)
+
+
+def test_static_freezes_from_step_zero_and_validates():
+    d = build_decider(StaticConfig(num_frozen_blocks=3), 6, None)
+    assert d.decide(0, 0) == 3 and d.decide(100, 3) == 3
+    with pytest.raises(ConfigError, match="min_trainable"):
+        build_decider(StaticConfig(num_frozen_blocks=6), 6, None)
+
+
+def test_schedule_follows_fractions():
+    cfg = ScheduleConfig(schedule=[{"fraction": 0.25, "num_frozen_blocks": 2}, {"fraction": 0.5, "num_frozen_blocks": 4}])
+    d = build_decider(cfg, 6, 100)
+    got = {}
+    boundary = 0
+    for step in range(0, 101):
+        new = d.decide(step, boundary)
+        if new != boundary:
+            got[step] = new
+        boundary = new
+    assert got == {25: 2, 50: 4}
+
+
+def test_schedule_rejects_freezing_everything():
+    cfg = ScheduleConfig(schedule=[{"fraction": 0.5, "num_frozen_blocks": 6}])
+    with pytest.raises(ConfigError, match="min_trainable"):
+        build_decider(cfg, 6, 100)
+    with pytest.raises(ConfigError, match="total_steps"):
+        build_decider(ScheduleConfig(schedule=[{"fraction": 0.5, "num_frozen_blocks": 2}]), 6, None)
+
+
+def test_gradnorm_decider_type():
+    assert isinstance(gradnorm(), GradNormDecider)

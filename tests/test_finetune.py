@@ -1,0 +1,156 @@
+"""launch/finetune.py as a user runs it: a subprocess, a tiny model on disk, data files on disk."""
+import csv
+import json
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, free_port
+
+WORDS_POS = ["great", "good", "fine", "superb", "love", "fun"]
+WORDS_NEG = ["bad", "awful", "poor", "boring", "hate", "dull"]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A 4-block random BERT and a word-level tokenizer, saved as a user's local model would be."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+    path = tmp_path_factory.mktemp("tiny_bert")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS_POS, *WORDS_NEG, "the", "movie", "was"]
+    (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizerFast(vocab_file=str(path / "vocab.txt")).save_pretrained(path)
+    torch.manual_seed(0)
+    BertForSequenceClassification(BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=4,
+                                             num_attention_heads=2, intermediate_size=64,
+                                             max_position_embeddings=64)).save_pretrained(path)
+    return str(path)
+
+
+def write_csv(path, n, seed, label_fn=lambda y: y):
+    rng = random.Random(seed)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["text", "label"])
+        for _ in range(n):
+            y = rng.randint(0, 1)
+            words = rng.choices(WORDS_POS if y else WORDS_NEG, k=3) + ["the", "movie", "was"]
+            rng.shuffle(words)
+            w.writerow([" ".join(words), label_fn(y)])
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def data_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    return write_csv(d / "train.csv", 96, 1), write_csv(d / "dev.csv", 40, 2)
+
+
+def write_config(path, autofreeze=None, **extra):
+    config = {"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
+              "steps_per_print": 10 ** 6,
+              "optimizer": {"type": "AdamW", "params": {"lr": 3e-3, "weight_decay": 0.01, "torch_adam": True}},
+              "scheduler": {"type": "WarmupDecayLR", "params": {"warmup_min_lr": 0, "warmup_max_lr": 3e-3,
+                                                                "warmup_num_steps": 0.1, "total_num_steps": "auto"}},
+              "zero_optimization": {"stage": 1}, **extra}
+    if autofreeze is not None:
+        config["autofreeze"] = autofreeze
+    path.write_text(json.dumps(config))
+    return str(path)
+
+
+def run(args, launcher=None, timeout=300):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT",
+                                                             "MASTER_ADDR")}
+    env.update(DS_ACCELERATOR="cpu", PYTHONPATH=ROOT)
+    cmd = (launcher or [sys.executable]) + [os.path.join(ROOT, "launch", "finetune.py"), "--no_progress", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout)
+
+
+AUTOFREEZE = {"decider": {"name": "gradnorm", "interval_steps": 2}}
+
+
+def test_finetune_end_to_end_writes_results_and_checkpoints(tmp_path, tiny_model_dir, data_files):
+    config = write_config(tmp_path / "af.json", AUTOFREEZE)
+    out = tmp_path / "out"
+    proc = run(["--deepspeed_config", config, "--model_name_or_path", tiny_model_dir, "--train_file", data_files[0],
+                "--validation_file", data_files[1], "--num_train_epochs", "2", "--max_seq_length", "16",
+                "--output_dir", str(out)])
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    results = json.loads((out / "all_results.json").read_text())
+    for key in ("eval_accuracy", "train_loss", "train_runtime", "freeze_events", "final_frozen_blocks"):
+        assert key in results
+    assert results["train_steps"] == 24 and len(results["epochs"]) == 2
+    assert results["final_frozen_blocks"] == (results["freeze_events"][-1]["frozen_blocks"]
+                                              if results["freeze_events"] else 0)
+    assert all({"step", "frozen_blocks"} <= set(e) for e in results["freeze_events"])
+    assert "summary:" in proc.stdout and "epoch 2: eval_accuracy" in proc.stdout
+    assert sum(line.startswith("[autofreeze] step") for line in proc.stdout.splitlines()) == \
+        len(results["freeze_events"])
+    assert (out / "checkpoints" / "epoch1" / "autofreeze_state.json").exists()
+    assert (out / "checkpoints" / "latest").read_text().strip() == "epoch2"
+
+
+def test_finetune_resume_continues_exactly(tmp_path, tiny_model_dir, data_files):
+    config = write_config(tmp_path / "af.json", AUTOFREEZE)
+    common = ["--deepspeed_config", config, "--model_name_or_path", tiny_model_dir, "--train_file", data_files[0],
+              "--validation_file", data_files[1], "--max_seq_length", "16"]
+    full = run(common + ["--num_train_epochs", "3", "--output_dir", str(tmp_path / "full")])
+    assert full.returncode == 0, full.stderr[-3000:]
+    # As if the run had died after epoch 1: resume from that epoch's checkpoint in a new directory.
+    resumed = run(common + ["--num_train_epochs", "3", "--output_dir", str(tmp_path / "part"),
+                            "--resume_from_checkpoint", str(tmp_path / "full" / "checkpoints" / "epoch1")])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout
+    a = json.loads((tmp_path / "full" / "all_results.json").read_text())
+    b = json.loads((tmp_path / "part" / "all_results.json").read_text())
+    assert a["eval_accuracy"] == b["eval_accuracy"] and a["train_loss"] == b["train_loss"]
+    assert [(e["step"], e["frozen_blocks"]) for e in a["freeze_events"]] == \
+        [(e["step"], e["frozen_blocks"]) for e in b["freeze_events"]]
+    assert [h["eval_accuracy"] for h in a["epochs"]] == [h["eval_accuracy"] for h in b["epochs"]]
+
+
+def test_finetune_two_ranks_with_deepspeed_launcher(tmp_path, tiny_model_dir, data_files):
+    config = write_config(tmp_path / "af.json", AUTOFREEZE)
+    proc = run(["--deepspeed_config", config, "--model_name_or_path", tiny_model_dir, "--train_file", data_files[0],
+                "--validation_file", data_files[1], "--num_train_epochs", "1", "--max_seq_length", "16",
+                "--output_dir", str(tmp_path / "out")],
+               launcher=["deepspeed", "--num_gpus", "2", "--master_port", str(free_port())])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((tmp_path / "out" / "all_results.json").read_text())
+    assert results["world_size"] == 2 and results["train_steps"] == 6  # 96 examples / (8 x 2 ranks)
+
+
+def _bad_input_cases(tmp, model_dir, train, dev):
+    bad_label = write_csv(tmp / "bad_label.csv", 10, 3, label_fn=lambda y: "positive" if y else "negative")
+    good = write_config(tmp / "good.json", AUTOFREEZE)
+    typo = write_config(tmp / "typo.json", {"decider": {"name": "gradnorm", "interval_stpes": 2}})
+    base = ["--model_name_or_path", model_dir, "--deepspeed_config", good]
+    return {
+        "missing file": (base + ["--train_file", str(tmp / "nope.csv"), "--validation_file", dev],
+                         "data file not found: " + str(tmp / "nope.csv")),
+        "missing column": (base + ["--train_file", train, "--validation_file", dev, "--text_column_names", "review"],
+                           "column(s) 'review' not found"),
+        "label not a class": (base + ["--train_file", bad_label, "--validation_file", dev],
+                              "label column 'label' must hold integer class ids, got 'negative'"),
+        "unknown config key": (["--model_name_or_path", model_dir, "--deepspeed_config", typo, "--train_file", train,
+                                "--validation_file", dev], "autofreeze.decider.gradnorm.interval_stpes"),
+        "missing model": (["--model_name_or_path", str(tmp / "no_model"), "--deepspeed_config", good, "--train_file",
+                           train, "--validation_file", dev], "no such model directory"),
+    }
+
+
+@pytest.mark.parametrize("case", ["missing file", "missing column", "label not a class", "unknown config key",
+                                  "missing model"])
+def test_finetune_bad_input_fails_with_one_line(case, tmp_path, tiny_model_dir, data_files):
+    args, expected = _bad_input_cases(tmp_path, tiny_model_dir, *data_files)[case]
+    proc = run(args + ["--output_dir", str(tmp_path / "out")])
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and expected in errors[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert "epoch" not in proc.stdout  # nothing trained
+    assert not (tmp_path / "out").exists()
