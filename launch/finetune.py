@@ -35,7 +35,9 @@ from tqdm import tqdm  # noqa: E402
 
 import ds_autofreeze  # noqa: E402
 from ds_autofreeze.config import AUTOFREEZE, ConfigError, get_autofreeze_config  # noqa: E402
-from ds_autofreeze.data import DataError, TokenizedDataset, imdb_split, read_rows, select_examples  # noqa: E402
+from ds_autofreeze.cache import ActivationCache  # noqa: E402
+from ds_autofreeze.data import (DataError, ShardShuffleSampler, TokenizedDataset, imdb_split, read_rows,  # noqa: E402
+                                select_examples)
 from ds_autofreeze.engine import STATE_FILE  # noqa: E402
 from ds_autofreeze.model_adapter import UnsupportedModelError  # noqa: E402
 
@@ -174,7 +176,7 @@ def evaluate(engine, loader: DataLoader) -> float:
     engine.eval()
     correct = torch.zeros(2, dtype=torch.float64)
     for batch in loader:
-        batch = {k: v.to(engine.device) for k, v in batch.items()}
+        batch = {k: v.to(engine.device) for k, v in batch.items() if k != "example_id"}
         logits = engine(**batch).logits
         correct += torch.tensor([(logits.argmax(-1) == batch["labels"]).sum().item(), len(batch["labels"])],
                                 dtype=torch.float64)
@@ -211,8 +213,8 @@ def main(argv: list[str] | None = None) -> dict:
     world, rank = dist.get_world_size(), dist.get_rank()
     micro = config.get("train_micro_batch_size_per_gpu", 8)
     accum = config.get("gradient_accumulation_steps", 1)
-    train_sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=args.seed,
-                                       drop_last=True)
+    # Each rank keeps its shard across epochs (reshuffled within it): its cache stays relevant.
+    train_sampler = ShardShuffleSampler(len(train_set), world, rank, args.seed)
     train_loader = DataLoader(train_set, batch_size=micro, sampler=train_sampler, drop_last=True)
     eval_loader = DataLoader(eval_set, batch_size=max(micro, 32),
                              sampler=DistributedSampler(eval_set, num_replicas=world, rank=rank, shuffle=False))
@@ -226,6 +228,11 @@ def main(argv: list[str] | None = None) -> dict:
     config_path, args.deepspeed_config = args.deepspeed_config, None  # the resolved dict goes in as config=
     engine, _, _, _ = ds_autofreeze.initialize(args=args, model=model, model_parameters=param_groups(model),
                                                config=config)
+    cache_config = engine.autofreeze_config.cache
+    if engine.autofreeze_config.enabled and cache_config.enabled:
+        disk_dir = cache_config.disk_dir or os.path.join(args.output_dir, "activation_cache")
+        engine.attach_cache(ActivationCache(cache_config, os.path.join(disk_dir, f"rank{rank}"), len(train_set),
+                                            data_fingerprint=train_set.fingerprint()))
     is_main = engine.global_rank == 0
     say = (lambda *a: print(*a, flush=True)) if is_main else (lambda *a: None)
     say(f"model {model_path} ({engine.num_blocks} blocks, {sum(p.numel() for p in model.parameters()):,} params), "
@@ -252,14 +259,18 @@ def main(argv: list[str] | None = None) -> dict:
     stamp_freezes(engine, train_time)  # a static decider froze before the first step
     for epoch in range(start_epoch, args.num_train_epochs):
         train_sampler.set_epoch(epoch)
+        if engine.cache is not None:
+            order = list(train_sampler)
+            engine.cache.plan_epoch([order[i:i + micro] for i in range(0, len(order) - micro + 1, micro)])
         bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{args.num_train_epochs}", unit="step",
                    disable=not is_main or args.no_progress, dynamic_ncols=True, file=sys.stdout)
         epoch_start = time.perf_counter()
         for i, batch in enumerate(train_loader):
             if i >= steps_per_epoch * accum:
                 break
+            example_ids = batch.pop("example_id")
             batch = {k: v.to(engine.device) for k, v in batch.items()}
-            loss = engine(**batch).loss
+            loss = engine(**batch, example_ids=example_ids).loss
             engine.backward(loss)
             engine.step()
             loss_sum, loss_count = loss_sum + loss.item(), loss_count + 1
@@ -291,6 +302,7 @@ def main(argv: list[str] | None = None) -> dict:
         "num_blocks": engine.num_blocks,
         "trainable_params": engine.trainable_parameter_count(),
         "world_size": world,
+        "cache": engine.cache.manifest() if engine.cache is not None else None,
         "epochs": history,
         "config": config_path,
     }
@@ -301,6 +313,10 @@ def main(argv: list[str] | None = None) -> dict:
         events = ", ".join(f"step {e['step']} -> {e['frozen_blocks']}" for e in engine.freeze_events) or "none"
         lines = [f"  {k:<20} {results[k]}" for k in ("eval_accuracy", "train_loss", "train_runtime", "train_steps",
                                                      "final_frozen_blocks", "trainable_params")]
+        if engine.cache is not None:
+            stats = engine.cache.stats
+            lines.append(f"  {'cache':<20} hit rate {stats.hit_rate:.3f} (RAM {stats.ram_hits}, disk {stats.disk_hits}, "
+                         f"miss {stats.misses}), stall {stats.stall_seconds:.1f}s")
         say("\n".join(["summary:", *lines, f"  {'freeze_events':<20} {events}",
                        f"  results written to {os.path.join(args.output_dir, 'all_results.json')}"]))
     return results

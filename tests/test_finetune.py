@@ -71,6 +71,7 @@ def run(args, launcher=None, timeout=300):
 
 
 AUTOFREEZE = {"decider": {"name": "gradnorm", "interval_steps": 2}}
+CACHED = {**AUTOFREEZE, "cache": {"enabled": True, "ram_bytes": 4096, "prefetch_depth": 2}}  # RAM for a few, disk for the rest
 
 
 def test_finetune_end_to_end_writes_results_and_checkpoints(tmp_path, tiny_model_dir, data_files):
@@ -94,8 +95,25 @@ def test_finetune_end_to_end_writes_results_and_checkpoints(tmp_path, tiny_model
     assert (out / "checkpoints" / "latest").read_text().strip() == "epoch2"
 
 
+def test_finetune_cache_gives_the_same_run(tmp_path, tiny_model_dir, data_files):
+    common = ["--model_name_or_path", tiny_model_dir, "--train_file", data_files[0], "--validation_file",
+              data_files[1], "--max_seq_length", "16", "--num_train_epochs", "3"]
+    results = {}
+    for name, af in (("plain", AUTOFREEZE), ("cached", CACHED)):
+        proc = run(common + ["--deepspeed_config", write_config(tmp_path / f"{name}.json", af),
+                             "--output_dir", str(tmp_path / name)])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results[name] = json.loads((tmp_path / name / "all_results.json").read_text())
+    plain, cached = results["plain"], results["cached"]
+    assert cached["train_loss"] == plain["train_loss"] and cached["eval_accuracy"] == plain["eval_accuracy"]
+    assert cached["freeze_events"][0]["step"] < 12  # froze in epoch 1, so epochs 2-3 could hit
+    stats = cached["cache"]["stats"]
+    assert stats["ram_hits"] > 0 and stats["disk_hits"] > 0 and stats["hit_rate"] > 0.3
+    assert os.listdir(tmp_path / "cached" / "activation_cache" / "rank0")
+
+
 def test_finetune_resume_continues_exactly(tmp_path, tiny_model_dir, data_files):
-    config = write_config(tmp_path / "af.json", AUTOFREEZE)
+    config = write_config(tmp_path / "af.json", CACHED)
     common = ["--deepspeed_config", config, "--model_name_or_path", tiny_model_dir, "--train_file", data_files[0],
               "--validation_file", data_files[1], "--max_seq_length", "16"]
     full = run(common + ["--num_train_epochs", "3", "--output_dir", str(tmp_path / "full")])
@@ -114,14 +132,21 @@ def test_finetune_resume_continues_exactly(tmp_path, tiny_model_dir, data_files)
 
 
 def test_finetune_two_ranks_with_deepspeed_launcher(tmp_path, tiny_model_dir, data_files):
-    config = write_config(tmp_path / "af.json", AUTOFREEZE)
+    """Two ranks, each caching the shard it trains on (its examples stay the same across epochs)."""
+    config = write_config(tmp_path / "static.json", {"decider": {"name": "static", "num_frozen_blocks": 2},
+                                                      "cache": CACHED["cache"]})
     proc = run(["--deepspeed_config", config, "--model_name_or_path", tiny_model_dir, "--train_file", data_files[0],
-                "--validation_file", data_files[1], "--num_train_epochs", "1", "--max_seq_length", "16",
+                "--validation_file", data_files[1], "--num_train_epochs", "2", "--max_seq_length", "16",
                 "--output_dir", str(tmp_path / "out")],
                launcher=["deepspeed", "--num_gpus", "2", "--master_port", str(free_port())])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads((tmp_path / "out" / "all_results.json").read_text())
-    assert results["world_size"] == 2 and results["train_steps"] == 6  # 96 examples / (8 x 2 ranks)
+    assert results["world_size"] == 2 and results["train_steps"] == 12  # 96 examples / (8 x 2 ranks) x 2 epochs
+    # Frozen from step 0: epoch 1 fills, epoch 2 finds rank 0's whole shard (48 examples) cached.
+    stats = results["cache"]["stats"]
+    assert stats["misses"] == 48 and stats["ram_hits"] + stats["disk_hits"] == 48
+    for rank in (0, 1):
+        assert os.listdir(tmp_path / "out" / "activation_cache" / f"rank{rank}")
 
 
 def _bad_input_cases(tmp, model_dir, train, dev):

@@ -1,0 +1,371 @@
+"""Activation cache: the frozen prefix's output per training example, so later epochs skip it.
+
+Once blocks 0..k-1 are frozen (eval mode, no dropout), the hidden states entering block k are
+a pure function of the example: key (example index, boundary k) -> tensor (T, H).
+
+Tiers, looked up in order:
+- RAM: a byte budget; policy ``pinned`` (admitted entries stay, the rest live on disk only) or
+  ``lru`` (least recently used is dropped from RAM).
+- Disk: one Zarr v3 array per boundary, shape (N, T, H), one example per chunk, raw bytes
+  (bf16/fp16 as an int16 view: bit-exact). Every entry is written behind to disk by a thread,
+  so eviction from RAM costs nothing and a restarted run finds the cache filled. A background
+  thread prefetches the next batches of the known epoch order from disk.
+- Past both budgets, or on any disk error: a miss, and the engine recomputes.
+
+Safety: an entry counts only once its manifest line (index + CRC32 of the bytes) is written,
+after the chunk itself (Zarr writes chunks to a temp file and renames). Reads verify the CRC,
+so torn or corrupted chunks are recomputed, never fed to the model. ENOSPC or a vanished
+directory disables the disk tier with one warning. The directory is 0700 and every file 0600.
+No pickle anywhere: chunks are raw arrays, the manifest is text.
+"""
+from __future__ import annotations
+
+import os
+import queue
+import shutil
+import threading
+import time
+import warnings
+import zlib
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import zarr
+from zarr.storage import LocalStore
+
+from .config import CacheConfig, CachePolicy
+
+# Storage dtype per tensor dtype; half types travel as int16 bit patterns (numpy has no bf16).
+_STORAGE = {torch.float32: (np.float32, None), torch.float64: (np.float64, None),
+            torch.bfloat16: (np.int16, torch.int16), torch.float16: (np.int16, torch.int16)}
+
+
+class _PrivateStore(LocalStore):
+    """LocalStore whose files are readable by their owner only."""
+
+    async def _set(self, key: str, value, exclusive: bool = False) -> None:
+        await super()._set(key, value, exclusive=exclusive)
+        os.chmod(self.root / key, 0o600)
+
+
+@dataclass
+class CacheStats:
+    ram_hits: int = 0
+    disk_hits: int = 0
+    misses: int = 0
+    previous_hits: int = 0  # served from the previous boundary's store, then advanced
+    corrupt: int = 0
+    dropped_writes: int = 0
+    sync_reads: int = 0  # disk entries read by get() itself because the prefetcher had not staged them
+    stall_seconds: float = 0.0  # time get() spent on those reads
+
+    @property
+    def hit_rate(self) -> float:
+        total = self.ram_hits + self.disk_hits + self.misses
+        return (self.ram_hits + self.disk_hits) / total if total else 0.0
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "hit_rate": self.hit_rate}
+
+
+class _DiskStore:
+    """One boundary's Zarr array plus its append-only manifest ``<index> <crc32>`` lines."""
+
+    def __init__(self, root: Path, name: str, shape: Optional[tuple[int, ...]] = None,
+                 dtype: Optional[torch.dtype] = None):
+        """Reopen the store ``name`` under root if a run left one, else create it (needs shape, dtype)."""
+        self.path = root / f"{name}.zarr"
+        self.manifest_path = root / f"{name}.manifest"
+        if self.path.exists() and self.manifest_path.exists():
+            self.array = zarr.open_array(store=_PrivateStore(self.path), mode="r+")
+            dtype = getattr(torch, self.array.attrs["torch_dtype"])
+            self.complete = self._read_manifest()
+        elif shape is None:
+            raise FileNotFoundError(self.manifest_path)
+        else:
+            self.array = zarr.create_array(store=_PrivateStore(self.path), shape=shape, chunks=(1, *shape[1:]),
+                                           dtype=_STORAGE[dtype][0], compressors=None, filters=None, fill_value=0,
+                                           overwrite=True, attributes={"torch_dtype": str(dtype).split(".")[-1]})
+            self.manifest_path.write_text("")
+            os.chmod(self.manifest_path, 0o600)
+            self.complete = {}
+        self.dtype = dtype
+        self.np_dtype, self.view_dtype = _STORAGE[dtype]
+        self.entry_bytes = int(np.prod(self.array.shape[1:])) * np.dtype(self.np_dtype).itemsize
+        self._manifest = open(self.manifest_path, "a")
+
+    def _read_manifest(self) -> dict[int, int]:
+        complete = {}
+        for line in self.manifest_path.read_text().splitlines():
+            parts = line.split()
+            # A line cut short by a crash (no newline yet, or a missing field) is ignored.
+            if len(parts) == 2 and parts[0].isdigit() and parts[1].isdigit():
+                complete[int(parts[0])] = int(parts[1])
+        return complete
+
+    @property
+    def bytes_used(self) -> int:
+        return len(self.complete) * self.entry_bytes
+
+    def write(self, index: int, value: np.ndarray) -> None:
+        crc = zlib.crc32(value.tobytes())
+        self.array[index] = value
+        # The manifest line goes last: an entry without one (a crash mid-write) is never read.
+        self._manifest.write(f"{index} {crc}\n")
+        self._manifest.flush()
+        self.complete[index] = crc
+
+    def read(self, index: int) -> Optional[torch.Tensor]:
+        """The entry, or None if it is absent or its bytes fail the checksum."""
+        crc = self.complete.get(index)
+        if crc is None:
+            return None
+        value = np.ascontiguousarray(self.array[index])
+        if zlib.crc32(value.tobytes()) != crc:
+            if not self.manifest_path.exists():  # zarr reads a vanished chunk as fill values
+                raise FileNotFoundError(f"cache directory {self.path.parent} is gone")
+            self.complete.pop(index, None)
+            raise _CorruptEntry(index)
+        tensor = torch.from_numpy(value)
+        return tensor.view(self.dtype) if self.view_dtype is not None else tensor
+
+    def close(self, delete: bool) -> None:
+        self._manifest.close()
+        if delete:
+            shutil.rmtree(self.path, ignore_errors=True)
+            self.manifest_path.unlink(missing_ok=True)
+
+
+class _CorruptEntry(Exception):
+    pass
+
+
+class ActivationCache:
+    """Per-rank cache of the hidden states entering block ``boundary`` for each training example."""
+
+    def __init__(self, config: CacheConfig, disk_dir: Optional[str], num_examples: int, data_fingerprint: str):
+        self.config = config
+        self.num_examples = num_examples
+        self.data_fingerprint = data_fingerprint
+        self.boundary = 0
+        self.store_name: Optional[str] = None  # names data + frozen weights: reused only on a match
+        self.stats = CacheStats()
+        self._ram: OrderedDict[int, torch.Tensor] = OrderedDict()
+        self._ram_used = 0
+        self._disk: Optional[_DiskStore] = None
+        self._previous: Optional[tuple[int, _DiskStore]] = None
+        self._epochs_since_move = 0
+        self._root: Optional[Path] = None
+        if disk_dir is not None and config.disk_bytes > 0:
+            self._root = Path(disk_dir)
+            self._root.mkdir(parents=True, exist_ok=True, mode=0o700)
+            os.chmod(self._root, 0o700)
+        self._disk_lock = threading.RLock()
+        self._warned: set[str] = set()
+        self._writes: queue.Queue = queue.Queue(maxsize=1024)
+        self._order: list[list[int]] = []
+        self._cursor = 0
+        self._staged: dict[int, torch.Tensor] = {}
+        self._staged_lock = threading.Lock()
+        self._prefetch_q: queue.Queue = queue.Queue()
+        for target, name in ((self._write_loop, "writer"), (self._prefetch_loop, "prefetch")):
+            threading.Thread(target=target, name=f"activation-cache-{name}", daemon=True).start()
+
+    # ------------------------------------------------------------------ boundary and epochs
+    def set_boundary(self, boundary: int, weights_fingerprint: str) -> None:
+        """The frozen prefix grew. The old boundary's disk store is kept until every example has
+        been seen at the new one, to feed the newly frozen blocks once instead of the whole prefix."""
+        if boundary == self.boundary:
+            return
+        self.flush()
+        with self._disk_lock:
+            self._drop_previous()
+            if self._disk is not None:
+                self._previous = (self.boundary, self._disk)
+            self._epochs_since_move = 0
+            self.boundary = boundary
+            self.store_name = f"b{boundary}-{self.data_fingerprint}-{weights_fingerprint}"
+            self._ram, self._ram_used, self._disk = OrderedDict(), 0, None
+        with self._staged_lock:
+            self._staged.clear()
+
+    def plan_epoch(self, batches: Sequence[Sequence[int]]) -> None:
+        """The example order of the coming epoch, batch by batch, for prefetching."""
+        self._order, self._cursor = [list(b) for b in batches], 0
+        with self._staged_lock:
+            self._staged.clear()
+        self._epochs_since_move += 1
+        if self._epochs_since_move > 2:  # a whole epoch ran at the new boundary: all of it is stored
+            with self._disk_lock:
+                self._drop_previous()
+        for j in range(min(self.config.prefetch_depth, len(self._order))):
+            self._prefetch_q.put((self.boundary, self._order[j]))
+
+    def _drop_previous(self) -> None:
+        if self._previous is not None:
+            self._previous[1].close(delete=True)
+            self._previous = None
+
+    # ------------------------------------------------------------------ lookups
+    def get(self, indices: Sequence[int]) -> list[Optional[torch.Tensor]]:
+        """Entries at the current boundary (None for a miss), in the order asked."""
+        out = [self._lookup(i) for i in indices]
+        self._advance_prefetch()
+        return out
+
+    def get_previous(self, indices: Sequence[int]) -> tuple[int, list[Optional[torch.Tensor]]]:
+        """Entries at the previous boundary, to run only the newly frozen blocks from: (boundary, entries)."""
+        with self._disk_lock:
+            previous = self._previous
+        if previous is None:
+            return 0, [None] * len(indices)
+        out = [self._read_disk(previous[1], i) for i in indices]
+        self.stats.previous_hits += sum(v is not None for v in out)
+        return previous[0], out
+
+    def _lookup(self, index: int) -> Optional[torch.Tensor]:
+        value = self._ram.get(index)
+        if value is not None:
+            if self.config.policy == CachePolicy.lru:
+                self._ram.move_to_end(index)
+            self.stats.ram_hits += 1
+            return value
+        with self._staged_lock:
+            value = self._staged.pop(index, None)
+        if value is None:
+            start = time.perf_counter()
+            disk = self._disk_store()
+            value = self._read_disk(disk, index) if disk is not None else None
+            self.stats.stall_seconds += time.perf_counter() - start
+            self.stats.sync_reads += value is not None
+        if value is None:
+            self.stats.misses += 1
+            return None
+        self.stats.disk_hits += 1
+        self._admit(index, value)
+        return value
+
+    def _read_disk(self, disk: _DiskStore, index: int) -> Optional[torch.Tensor]:
+        try:
+            with self._disk_lock:
+                return disk.read(index)
+        except _CorruptEntry:
+            self.stats.corrupt += 1
+            self._warn_once("corrupt", f"activation cache: entry {index} failed its checksum; recomputing "
+                                       "(further corrupt entries are counted, not reported)")
+        except Exception as err:  # a vanished directory, a truncated file: recompute, never crash
+            self._disk_failed(err)
+        return None
+
+    # ------------------------------------------------------------------ inserts
+    def put(self, indices: Sequence[int], hidden: torch.Tensor) -> None:
+        """Store hidden states (B, T, H) entering block ``boundary`` for these examples."""
+        hidden = hidden.detach().to("cpu")
+        for row, index in enumerate(indices):
+            value = hidden[row].clone()
+            self._admit(index, value)
+            if self._root is not None:
+                try:
+                    self._writes.put_nowait((self.boundary, index, value))
+                except queue.Full:  # never block the training step on I/O
+                    self.stats.dropped_writes += 1
+
+    def _admit(self, index: int, value: torch.Tensor) -> None:
+        if index in self._ram:
+            return
+        size = value.numel() * value.element_size()
+        if self.config.policy == CachePolicy.lru:
+            while self._ram and self._ram_used + size > self.config.ram_bytes:
+                _, old = self._ram.popitem(last=False)
+                self._ram_used -= old.numel() * old.element_size()
+        if self._ram_used + size <= self.config.ram_bytes:
+            self._ram[index] = value
+            self._ram_used += size
+
+    @property
+    def ram_bytes_used(self) -> int:
+        return self._ram_used
+
+    # ------------------------------------------------------------------ disk store and threads
+    def _disk_store(self, create_like: Optional[torch.Tensor] = None) -> Optional[_DiskStore]:
+        """This boundary's store: open if a run left it (same data and weights), else create it
+        when there is something to write."""
+        with self._disk_lock:
+            if self._disk is None and self._root is not None and self.store_name is not None:
+                exists = (self._root / f"{self.store_name}.manifest").exists()
+                if exists or create_like is not None:
+                    shape = None if exists else (self.num_examples, *create_like.shape)
+                    self._disk = _DiskStore(self._root, self.store_name, shape,
+                                            None if exists else create_like.dtype)
+            return self._disk
+
+    def _write_loop(self) -> None:
+        while True:
+            boundary, index, value = self._writes.get()
+            try:
+                if boundary != self.boundary:
+                    continue  # the boundary moved on: this entry is no longer wanted
+                with self._disk_lock:
+                    disk = self._disk_store(create_like=value) if self._root is not None else None
+                    if disk is None or index in disk.complete:
+                        continue
+                    if disk.bytes_used + disk.entry_bytes > self.config.disk_bytes:
+                        continue
+                    storage = value.view(disk.view_dtype) if disk.view_dtype is not None else value
+                    disk.write(index, storage.numpy())
+            except Exception as err:
+                self._disk_failed(err)
+            finally:
+                self._writes.task_done()
+
+    def _prefetch_loop(self) -> None:
+        while True:
+            boundary, batch = self._prefetch_q.get()
+            disk = self._disk_store() if boundary == self.boundary else None
+            for index in batch if disk is not None else ():
+                if index in self._ram or index not in disk.complete:
+                    continue
+                value = self._read_disk(disk, index)
+                if value is not None and boundary == self.boundary:
+                    with self._staged_lock:
+                        self._staged[index] = value
+
+    def _advance_prefetch(self) -> None:
+        self._cursor += 1
+        ahead = self._cursor + self.config.prefetch_depth - 1
+        if self.config.prefetch_depth and ahead < len(self._order):
+            self._prefetch_q.put((self.boundary, self._order[ahead]))
+
+    def flush(self) -> None:
+        """Wait until every queued write has reached the disk store."""
+        self._writes.join()
+
+    # ------------------------------------------------------------------ failures
+    def _disk_failed(self, err: Exception) -> None:
+        self._warn_once("disk", f"activation cache: disk tier disabled ({type(err).__name__}: {err}); "
+                                "outputs not in RAM are recomputed")
+        with self._disk_lock:
+            self._root = None
+            stores = [self._disk] + ([self._previous[1]] if self._previous else [])
+            self._disk, self._previous = None, None
+        for store in stores:
+            if store is not None:
+                try:
+                    store.close(delete=False)
+                except OSError:
+                    pass
+
+    def _warn_once(self, kind: str, message: str) -> None:
+        if kind not in self._warned:
+            self._warned.add(kind)
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+    def manifest(self) -> dict:
+        """What a checkpoint records: the store in use and how full it is."""
+        return {"boundary": self.boundary, "store": self.store_name,
+                "disk_entries": len(self._disk.complete) if self._disk else 0,
+                "ram_entries": len(self._ram), "stats": self.stats.as_dict()}

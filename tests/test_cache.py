@@ -1,0 +1,252 @@
+"""Activation cache: tiers, policies, exactness against the uncached path, and faults."""
+import os
+import signal
+import stat
+import subprocess
+import sys
+import textwrap
+import time
+import warnings
+
+import pytest
+import torch
+
+import ds_autofreeze
+from ds_autofreeze.cache import ActivationCache
+from ds_autofreeze.config import CacheConfig
+
+from conftest import ROOT, batches, ds_config, tiny_bert
+
+ENTRY = (6, 4)  # (T, H) of synthetic entries
+ENTRY_BYTES = 6 * 4 * 4
+
+
+def value(i: int) -> torch.Tensor:
+    return torch.arange(24, dtype=torch.float32).reshape(ENTRY) + 1000 * i
+
+
+def make_cache(tmp_path=None, **cfg) -> ActivationCache:
+    cfg.setdefault("enabled", True)
+    cache = ActivationCache(CacheConfig(**cfg), str(tmp_path) if tmp_path else None, num_examples=64,
+                            data_fingerprint="data")
+    cache.set_boundary(2, "weights")
+    return cache
+
+
+def fill(cache, indices):
+    cache.put(indices, torch.stack([value(i) for i in indices]))
+    cache.flush()
+
+
+# ---------------------------------------------------------------- tiers and policies
+
+def test_cache_ram_tier_respects_budget_and_serves_hits():
+    cache = make_cache(ram_bytes=10 * ENTRY_BYTES, disk_bytes=0)
+    fill(cache, list(range(20)))
+    assert cache.ram_bytes_used == 10 * ENTRY_BYTES
+    got = cache.get(list(range(20)))
+    assert all(torch.equal(got[i], value(i)) for i in range(10)) and all(g is None for g in got[10:])
+    assert (cache.stats.ram_hits, cache.stats.misses) == (10, 10)
+
+
+def reshuffled_hit_rate(policy: str, fraction: float, epochs: int = 6, n: int = 64) -> float:
+    cache = make_cache(ram_bytes=int(fraction * n) * ENTRY_BYTES, disk_bytes=0, policy=policy)
+    g = torch.Generator().manual_seed(0)
+    for epoch in range(epochs):
+        for i in torch.randperm(n, generator=g).tolist():
+            if cache.get([i])[0] is None:
+                cache.put([i], value(i)[None])
+    hits = cache.stats.ram_hits
+    return hits / (n * (epochs - 1))  # epoch 0 only fills
+
+
+def test_cache_pinned_beats_lru_under_reshuffled_epochs():
+    pinned, lru = reshuffled_hit_rate("pinned", 0.5), reshuffled_hit_rate("lru", 0.5)
+    assert pinned == pytest.approx(0.5, abs=0.02)  # a fixed half stays: every second access hits
+    assert lru < pinned - 0.1
+
+
+def test_cache_disk_tier_holds_what_ram_cannot(tmp_path):
+    cache = make_cache(tmp_path, ram_bytes=4 * ENTRY_BYTES, prefetch_depth=0)
+    fill(cache, list(range(16)))
+    got = cache.get(list(range(16)))
+    assert all(torch.equal(got[i], value(i)) for i in range(16))
+    assert (cache.stats.ram_hits, cache.stats.disk_hits, cache.stats.misses) == (4, 12, 0)
+
+
+def test_cache_disk_budget_then_recompute(tmp_path):
+    cache = make_cache(tmp_path, ram_bytes=0, disk_bytes=5 * ENTRY_BYTES, prefetch_depth=0)
+    fill(cache, list(range(8)))
+    got = cache.get(list(range(8)))
+    assert sum(g is not None for g in got) == 5 and cache.stats.misses == 3
+
+
+def test_cache_prefetch_stages_the_planned_batches(tmp_path):
+    cache = make_cache(tmp_path, ram_bytes=0, prefetch_depth=2)
+    fill(cache, list(range(16)))
+    order = [[3, 1], [7, 5], [2, 9], [11, 4]]
+    cache.plan_epoch(order)
+    for batch in order:
+        deadline = time.time() + 10
+        while not all(i in cache._staged for i in batch) and time.time() < deadline:
+            time.sleep(0.01)
+        got = cache.get(batch)
+        assert all(torch.equal(g, value(i)) for g, i in zip(got, batch))
+    assert cache.stats.disk_hits == 8 and cache.stats.sync_reads == 0
+
+
+def test_cache_half_precision_is_bit_exact_on_disk(tmp_path):
+    cache = make_cache(tmp_path, ram_bytes=0, prefetch_depth=0)
+    x = torch.randn(3, *ENTRY).to(torch.bfloat16)
+    cache.put([0, 1, 2], x)
+    cache.flush()
+    got = cache.get([0, 1, 2])
+    assert all(g.dtype == torch.bfloat16 and torch.equal(g, x[i]) for i, g in enumerate(got))
+
+
+def test_cache_files_private_and_raw(tmp_path):
+    root = tmp_path / "cache"
+    cache = make_cache(root, ram_bytes=0, prefetch_depth=0)
+    fill(cache, [5])
+    assert stat.S_IMODE(os.stat(root).st_mode) == 0o700
+    files = [os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs]
+    assert files and all(stat.S_IMODE(os.stat(f).st_mode) == 0o600 for f in files)
+    raw = value(5).numpy().tobytes()
+    assert any(open(f, "rb").read() == raw for f in files)  # the chunk is the tensor's bytes, nothing else
+    source = open(os.path.join(ROOT, "ds_autofreeze", "cache.py")).read()
+    assert "pickle" not in source.replace("No pickle", "") and "torch.load" not in source
+
+
+def test_cache_store_reused_only_for_same_data_and_weights(tmp_path):
+    fill(make_cache(tmp_path, ram_bytes=0, prefetch_depth=0), [1, 2])
+    again = make_cache(tmp_path, ram_bytes=0, prefetch_depth=0)
+    assert all(g is not None for g in again.get([1, 2]))
+    other = ActivationCache(CacheConfig(enabled=True, ram_bytes=0, prefetch_depth=0), str(tmp_path), 64, "data")
+    other.set_boundary(2, "other-weights")
+    assert other.get([1, 2]) == [None, None]
+
+
+# ---------------------------------------------------------------- faults
+
+def test_cache_corrupted_chunk_is_detected_and_recomputed(tmp_path):
+    fill(make_cache(tmp_path, ram_bytes=0, prefetch_depth=0), [0, 1, 2])
+    raw = value(1).numpy().tobytes()
+    chunk = next(os.path.join(d, f) for d, _, fs in os.walk(tmp_path) for f in fs
+                 if open(os.path.join(d, f), "rb").read() == raw)
+    with open(chunk, "r+b") as f:
+        f.seek(40)
+        f.write(b"\xff\xfe")
+    reader = make_cache(tmp_path, ram_bytes=0, prefetch_depth=0)
+    with pytest.warns(RuntimeWarning, match="checksum"):
+        got = reader.get([0, 1, 2])
+    assert got[1] is None and torch.equal(got[0], value(0)) and torch.equal(got[2], value(2))
+    assert reader.stats.corrupt == 1
+
+
+def test_cache_sigkill_mid_write_never_yields_torn_entries(tmp_path):
+    script = textwrap.dedent(f"""
+        import sys, torch
+        sys.path.insert(0, {ROOT!r}); sys.path.insert(0, {os.path.join(ROOT, 'tests')!r})
+        from test_cache import make_cache, value
+        cache = make_cache({str(tmp_path)!r}, ram_bytes=0)
+        print("ready", flush=True)
+        i = 0
+        while True:
+            cache.put([i % 64], value(i % 64)[None].expand(1, 6, 4).contiguous())
+            i += 1
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": ROOT})
+    assert proc.stdout.readline().strip() == "ready"
+    manifest = next(tmp_path.glob("*.manifest"), None)
+    deadline = time.time() + 60
+    while (manifest is None or manifest.stat().st_size < 200) and time.time() < deadline:
+        time.sleep(0.01)
+        manifest = next(tmp_path.glob("*.manifest"), None)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    reader = make_cache(tmp_path, ram_bytes=0, prefetch_depth=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no entry listed in the manifest may be torn or corrupt
+        got = reader.get(list(range(64)))
+    present = [i for i, g in enumerate(got) if g is not None]
+    assert present, "the writer should have completed some entries before the kill"
+    assert all(torch.equal(got[i], value(i)) for i in present)
+
+
+def test_cache_enospc_warns_once_and_degrades_to_recompute(tmp_path, monkeypatch):
+    from ds_autofreeze import cache as cache_mod
+
+    def full(self, index, value):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(cache_mod._DiskStore, "write", full)
+    cache = make_cache(tmp_path, ram_bytes=2 * ENTRY_BYTES, prefetch_depth=0)
+    with pytest.warns(RuntimeWarning, match="disk tier disabled.*No space left") as record:
+        fill(cache, list(range(6)))
+        fill(cache, list(range(6, 12)))
+    assert len([w for w in record if "disk tier" in str(w.message)]) == 1
+    got = cache.get(list(range(12)))
+    assert sum(g is not None for g in got) == 2  # the RAM tier still works; the rest is recomputed
+
+
+# ---------------------------------------------------------------- exactness through the engine
+
+FREEZES = {"total_steps": 40, "decider": {"name": "schedule", "schedule": [
+    {"fraction": 0.1, "num_frozen_blocks": 1}, {"fraction": 0.5, "num_frozen_blocks": 3}]}}  # steps 4 and 20
+
+
+def train_epochs(cache_dir=None, epochs=5, fault=None, **cache_cfg):
+    model = tiny_bert(seed=0)
+    engine, *_ = ds_autofreeze.initialize(model=model, config=ds_config(1, FREEZES))
+    if cache_dir is not None:
+        cfg = CacheConfig(enabled=True, **{"prefetch_depth": 2, **cache_cfg})
+        engine.attach_cache(ActivationCache(cfg, str(cache_dir), num_examples=32, data_fingerprint="d"))
+    data = batches(8, micro=4)
+    torch.manual_seed(123)
+    losses, grads = [], []
+    g = torch.Generator().manual_seed(5)
+    for epoch in range(epochs):
+        order = torch.randperm(8, generator=g).tolist()  # reshuffled batches; example ids are fixed per row
+        if engine.cache is not None:
+            engine.cache.plan_epoch([list(range(4 * b, 4 * b + 4)) for b in order])
+        for b in order:
+            if fault is not None:
+                fault(engine, epoch, b)
+            ids = torch.arange(4 * b, 4 * b + 4)
+            loss = engine(**data[b], example_ids=ids).loss
+            engine.backward(loss)
+            grads.append(model.classifier.weight.grad.clone() if model.classifier.weight.grad is not None else None)
+            engine.step()
+            losses.append(loss.item())
+    return losses, {n: p.detach().clone() for n, p in model.named_parameters()}, engine
+
+
+def assert_same_run(a, b):
+    assert a[0] == b[0]  # losses, bitwise
+    for name, p in a[1].items():
+        assert torch.equal(p, b[1][name]), name
+
+
+def test_cache_exact_against_uncached_path(tmp_path):
+    plain = train_epochs()
+    cached = train_epochs(tmp_path / "c", ram_bytes=10 ** 9)
+    assert_same_run(plain, cached)
+    stats = cached[2].cache.stats
+    assert stats.ram_hits > 0 and stats.previous_hits > 0
+    disk_only = train_epochs(tmp_path / "d", ram_bytes=0)
+    assert_same_run(plain, disk_only)
+    s = disk_only[2].cache.stats
+    assert s.disk_hits > 0 and s.previous_hits > 0  # blocks 1..2 were fed from the boundary-1 store
+
+
+def test_cache_directory_deleted_mid_run_recomputes(tmp_path):
+    import shutil
+    plain = train_epochs()
+
+    def delete(engine, epoch, b):
+        if epoch == 3 and os.path.exists(tmp_path / "c"):
+            shutil.rmtree(tmp_path / "c")
+    with pytest.warns(RuntimeWarning, match="disk tier disabled"):
+        faulty = train_epochs(tmp_path / "c", ram_bytes=0, fault=delete)
+    assert_same_run(plain, faulty)
+    assert faulty[2].cache.stats.misses > 0
