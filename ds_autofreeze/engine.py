@@ -50,24 +50,18 @@ class AutoFreezeEngine(DeepSpeedEngine):
     """DeepSpeed engine that freezes a growing prefix of the model's blocks during training."""
 
     def __init__(self, *args: Any, autofreeze: AutoFreezeConfig, **kwargs: Any):
-        model = kwargs["model"]
-        params = kwargs.get("model_parameters")
-        params = list(model.parameters()) if params is None else list(params)
-        # Keep the user's param groups (weight-decay split, per-group lr) to rebuild from.
-        if params and isinstance(params[0], dict):
-            self_groups = [dict(g, params=list(g["params"])) for g in params]
-        else:
-            self_groups = [{"params": params}]
-        kwargs["model_parameters"] = [dict(g, params=[p for p in g["params"] if p.requires_grad])
-                                      for g in self_groups]
-        kwargs["model_parameters"] = [g for g in kwargs["model_parameters"] if g["params"]]
-        super().__init__(*args, **kwargs)
-        if self.zero_optimization_stage() > 2:
+        if kwargs["config_class"].zero_optimization_stage > 2:
             raise ConfigError("autofreeze: zero_optimization.stage 3 is not supported yet; use stage 0, 1 or 2")
+        params = kwargs.get("model_parameters")
+        params = list(kwargs["model"].parameters()) if params is None else list(params)
+        # The user's param groups (weight-decay split, per-group lr) are what each rebuild filters.
+        groups = [dict(g, params=list(g["params"])) for g in params] if params and isinstance(params[0], dict) \
+            else [{"params": params}]
+        kwargs["model_parameters"], origins = _trainable_groups(groups)
+        super().__init__(*args, **kwargs)
+        self._param_groups, self._group_origin = groups, origins
         self.autofreeze_config = autofreeze
         self.adapter = ModelAdapter(self.module)
-        self._param_groups = self_groups
-        self._group_origin = list(range(len(kwargs["model_parameters"])))
         self.freeze_events: list[dict[str, Any]] = []
         self.repartition_seconds: list[float] = []
         self.decider: Optional[Decider] = None
@@ -176,12 +170,7 @@ class AutoFreezeEngine(DeepSpeedEngine):
         self.optimizer = self.basic_optimizer = None
         self.adapter.set_frozen(num_frozen_blocks)
 
-        groups, self._group_origin = [], []
-        for origin, group in enumerate(self._param_groups):
-            trainable = [p for p in group["params"] if p.requires_grad]
-            if trainable:
-                groups.append(dict(group, params=trainable))
-                self._group_origin.append(origin)
+        groups, self._group_origin = _trainable_groups(self._param_groups)
         self._configure_optimizer(None, groups)
         # Hyperparameters a scheduler may have moved (lr, initial_lr, step counters) carry over.
         for origin, group in zip(self._group_origin, self.optimizer.param_groups):
@@ -335,6 +324,18 @@ class AutoFreezeEngine(DeepSpeedEngine):
             if self._grad_acc is not None and os.path.exists(acc_path):
                 self._grad_acc.copy_(torch.load(acc_path, weights_only=True))
         return path, client_state
+
+
+def _trainable_groups(groups: list[dict]) -> tuple[list[dict], list[int]]:
+    """The groups restricted to trainable parameters, empty ones dropped (DeepSpeed drops them
+    too), and the index of each kept group among ``groups``."""
+    kept, origins = [], []
+    for origin, group in enumerate(groups):
+        trainable = [p for p in group["params"] if p.requires_grad]
+        if trainable:
+            kept.append(dict(group, params=trainable))
+            origins.append(origin)
+    return kept, origins
 
 
 def _atomic_write(path: str, text: str) -> None:

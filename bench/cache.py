@@ -1,0 +1,174 @@
+"""Activation cache numbers: tier read speed vs recomputing the frozen prefix, hit rate per
+policy, and the stall a training step sees with and without prefetch.
+
+    python bench/cache.py            # about 3 minutes on 2 cores; table on stdout, JSON in bench/results/
+
+Shapes: MiniLM-L6 (H=384, 4 of 6 blocks frozen) and BERT-base (H=768, 4 of 12 blocks frozen),
+batch 32, sequence 128, fp32, random weights (only shapes matter for timing). Disk reads are
+made cold per chunk with posix_fadvise(DONTNEED) so the page cache does not flatter them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+
+import torch
+
+from ds_autofreeze.cache import ActivationCache
+from ds_autofreeze.config import CacheConfig
+from ds_autofreeze.model_adapter import ModelAdapter
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BATCH, SEQ = 32, 128
+SHAPES = {"MiniLM-L6": dict(hidden=384, heads=12, ffn=1536, layers=6, frozen=4),
+          "BERT-base": dict(hidden=768, heads=12, ffn=3072, layers=12, frozen=4)}
+
+
+def model_for(shape: dict):
+    from transformers import BertConfig, BertForSequenceClassification
+    torch.manual_seed(0)
+    return BertForSequenceClassification(BertConfig(hidden_size=shape["hidden"], num_attention_heads=shape["heads"],
+                                                    intermediate_size=shape["ffn"],
+                                                    num_hidden_layers=shape["layers"])).eval()
+
+
+def timed(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def drop_page_cache(root: str) -> None:
+    for d, _, files in os.walk(root):
+        for f in files:
+            fd = os.open(os.path.join(d, f), os.O_RDONLY)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.close(fd)
+
+
+def tier_speed(name: str, shape: dict, repeats: int) -> dict:
+    model = model_for(shape)
+    adapter = ModelAdapter(model)
+    inputs = {"input_ids": torch.randint(0, 30000, (BATCH, SEQ)), "attention_mask": torch.ones(BATCH, SEQ, dtype=torch.long)}
+    recompute = timed(lambda: adapter.hidden_before(shape["frozen"], inputs), repeats)
+    hidden = adapter.hidden_before(shape["frozen"], inputs)
+    n = BATCH * 4
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = ActivationCache(CacheConfig(enabled=True, ram_bytes=10 ** 10, prefetch_depth=0), tmp, n, "bench")
+        cache.set_boundary(shape["frozen"], "w")
+        for b in range(4):
+            cache.put(list(range(b * BATCH, (b + 1) * BATCH)), hidden)
+        cache.flush()
+        ids = list(range(BATCH))
+        ram = timed(lambda: torch.stack(cache.get(ids)), repeats)
+        disk_cache = ActivationCache(CacheConfig(enabled=True, ram_bytes=0, prefetch_depth=0), tmp, n, "bench")
+        disk_cache.set_boundary(shape["frozen"], "w")
+
+        def read_cold():
+            drop_page_cache(tmp)
+            torch.stack(disk_cache.get(ids))
+        disk = timed(read_cold, repeats)
+    mb = hidden.numel() * hidden.element_size() / 2 ** 20
+    return {"shape": name, "frozen_blocks": shape["frozen"], "batch_mb": round(mb, 1),
+            "recompute_ms": round(1000 * recompute, 1), "ram_ms": round(1000 * ram, 2), "disk_cold_ms": round(1000 * disk, 1),
+            "disk_speedup_vs_recompute": round(recompute / disk, 1), "ram_speedup_vs_recompute": round(recompute / ram, 1)}
+
+
+def hit_rates(n: int, epochs: int) -> list[dict]:
+    entry = torch.zeros(8)
+    rows = []
+    for fraction in (0.25, 0.5, 1.0):
+        for policy in ("pinned", "lru"):
+            cache = ActivationCache(CacheConfig(enabled=True, ram_bytes=int(fraction * n) * 32, disk_bytes=0,
+                                                policy=policy, prefetch_depth=0), None, n, "bench")
+            cache.set_boundary(1, "w")
+            g = torch.Generator().manual_seed(0)
+            for _ in range(epochs):
+                for i in torch.randperm(n, generator=g).tolist():
+                    if cache.get([i])[0] is None:
+                        cache.put([i], entry[None])
+            steady = cache.stats.ram_hits / (n * (epochs - 1))  # epoch 1 only fills
+            rows.append({"ram_fraction": fraction, "policy": policy, "hit_rate": round(steady, 3)})
+    return rows
+
+
+def stall(steps: int) -> list[dict]:
+    """Disk-only cache (RAM budget 0) feeding a real MiniLM-shaped training step with 5 of 6 blocks
+    frozen (the step skips them): the step's wait on the cache, with and without prefetch."""
+    shape = SHAPES["MiniLM-L6"]
+    model = model_for(shape).train()
+    adapter = ModelAdapter(model)
+    adapter.set_frozen(5)
+    inputs = {"input_ids": torch.randint(0, 30000, (BATCH, SEQ)), "attention_mask": torch.ones(BATCH, SEQ, dtype=torch.long),
+              "labels": torch.zeros(BATCH, dtype=torch.long)}
+    hidden = adapter.hidden_before(5, {k: v for k, v in inputs.items() if k != "labels"})
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        n = BATCH * steps
+        writer = ActivationCache(CacheConfig(enabled=True, ram_bytes=0), tmp, n, "bench")
+        writer.set_boundary(5, "w")
+        for b in range(steps):
+            writer.put(list(range(b * BATCH, (b + 1) * BATCH)), hidden)
+        writer.flush()
+        for depth in (0, 4):
+            drop_page_cache(tmp)
+            cache = ActivationCache(CacheConfig(enabled=True, ram_bytes=0, prefetch_depth=depth), tmp, n, "bench")
+            cache.set_boundary(5, "w")
+            order = [list(range(b * BATCH, (b + 1) * BATCH)) for b in torch.randperm(steps).tolist()]
+            cache.plan_epoch(order)
+            start = time.perf_counter()
+            for batch in order:
+                h = torch.stack(cache.get(batch))
+                with adapter.run_from(5, h):
+                    model(**inputs).loss.backward()
+                opt.step()
+                opt.zero_grad()
+            total = time.perf_counter() - start
+            rows.append({"prefetch_depth": depth, "step_ms": round(1000 * total / steps, 1),
+                         "stall_ms_per_step": round(1000 * cache.stats.stall_seconds / steps, 2),
+                         "stall_fraction": round(cache.stats.stall_seconds / total, 4),
+                         "sync_reads": cache.stats.sync_reads})
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--examples", type=int, default=4000, help="working set for the hit-rate simulation")
+    p.add_argument("--stall_steps", type=int, default=30)
+    p.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "cache.json"))
+    args = p.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+
+    speed = [tier_speed(name, shape, args.repeats) for name, shape in SHAPES.items()]
+    print("| shape | frozen blocks | batch (MB) | recompute (ms) | RAM read (ms) | disk read, cold (ms) | disk vs recompute |")
+    print("|---|---|---|---|---|---|---|")
+    for r in speed:
+        print(f"| {r['shape']} | {r['frozen_blocks']} | {r['batch_mb']} | {r['recompute_ms']} | {r['ram_ms']} | "
+              f"{r['disk_cold_ms']} | {r['disk_speedup_vs_recompute']}x |")
+    rates = hit_rates(args.examples, epochs=4)
+    print("\n| RAM budget (fraction of working set) | pinned hit rate | lru hit rate |\n|---|---|---|")
+    for fraction in (0.25, 0.5, 1.0):
+        by = {r["policy"]: r["hit_rate"] for r in rates if r["ram_fraction"] == fraction}
+        print(f"| {fraction:.0%} | {by['pinned']:.3f} | {by['lru']:.3f} |")
+    stalls = stall(args.stall_steps)
+    print("\n| prefetch depth | step (ms) | stall per step (ms) | stall / step time | synchronous reads |\n|---|---|---|---|---|")
+    for r in stalls:
+        print(f"| {r['prefetch_depth']} | {r['step_ms']} | {r['stall_ms_per_step']} | {r['stall_fraction']:.2%} | "
+              f"{r['sync_reads']} |")
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump({"tier_speed": speed, "hit_rates": rates, "stall": stalls, "settings": vars(args)}, f, indent=1)
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
