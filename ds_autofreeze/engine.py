@@ -240,11 +240,23 @@ class AutoFreezeEngine(DeepSpeedEngine):
         return norms
 
     # ------------------------------------------------------------------ optimizer state carry-over
+    def _master_pairs(self) -> tuple[Any, list[tuple[torch.nn.Parameter, torch.Tensor]]]:
+        """(torch optimizer, [(model param, the tensor it optimizes)]) for optimizers that keep one
+        master per parameter: a plain torch optimizer (the param itself) or DeepSpeed's unfused
+        fp16/bf16 wrapper (an fp32 copy)."""
+        if hasattr(self.optimizer, "fp32_groups") and hasattr(self.optimizer, "fp16_groups"):
+            pairs = [(p, m) for lp, hp in zip(self.optimizer.fp16_groups, self.optimizer.fp32_groups)
+                     for p, m in zip(lp, hp)]
+            return self.optimizer.optimizer, pairs
+        return self.optimizer, [(p, p) for g in self.optimizer.param_groups for p in g["params"]]
+
     def _capture_optimizer_state(self, params: list[torch.nn.Parameter]) -> dict[str, Any]:
         flats = _flat_partitions(self.optimizer)
         if flats is None:
-            state = self.optimizer.state
-            return {"kind": "plain", "state": {p: state[p] for p in params if p in state}}
+            inner, pairs = self._master_pairs()
+            keep = {id(p) for p in params}
+            return {"kind": "per_param", "state": {p: (None if m is p else m.detach().clone(), inner.state.get(m))
+                                                   for p, m in pairs if id(p) in keep}}
         inner = self.optimizer.optimizer
         flat_state = inner.state.get(flats[0], {})
         per_element = [k for k, v in flat_state.items() if torch.is_tensor(v) and v.shape == flats[0].shape]
@@ -261,8 +273,14 @@ class AutoFreezeEngine(DeepSpeedEngine):
         return {"kind": "flat", "master": master, "moments": moments, "scalars": scalars, "keys": per_element}
 
     def _restore_optimizer_state(self, carried: dict[str, Any]) -> None:
-        if carried["kind"] == "plain":
-            self.optimizer.state.update(carried["state"])
+        if carried["kind"] == "per_param":
+            inner, pairs = self._master_pairs()
+            for p, master in pairs:
+                fp32, state = carried["state"].get(p, (None, None))
+                if fp32 is not None:
+                    master.data.copy_(fp32)
+                if state is not None:
+                    inner.state[master] = state
             return
         opt = self.optimizer
         for p, value in carried["master"].items():

@@ -85,32 +85,44 @@ def test_engine_frozen_parameters_stay_bit_identical(stage):
     assert all("layer.2." not in n for n in snapshots)
 
 
+def master_and_moment(engine, param):
+    """The fp32 master copy and Adam exp_avg the optimizer keeps for a model parameter."""
+    if getattr(param, "_hp_mapping", None) is not None:  # ZeRO-1/2 flat partitions
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+        return safe_get_full_fp32_param(param), safe_get_full_optimizer_state(param, "exp_avg")
+    inner, pairs = engine._master_pairs()
+    master = next(m for p, m in pairs if p is param)
+    return master.detach().clone(), inner.state[master]["exp_avg"].clone()
+
+
+def optimizer_numel(engine):
+    """Elements of fp32 master weights and of exp_avg the optimizer holds on this rank."""
+    from ds_autofreeze.engine import _flat_partitions
+    flats = _flat_partitions(engine.optimizer)
+    inner = engine.optimizer.optimizer if flats is not None else engine._master_pairs()[0]
+    masters = flats if flats is not None else [m for _, m in engine._master_pairs()[1]]
+    return sum(m.numel() for m in masters), sum(st["exp_avg"].numel() for st in inner.state.values())
+
+
+@pytest.mark.parametrize("bf16", [False, True])
 @pytest.mark.parametrize("stage", [0, 1, 2])
-def test_engine_optimizer_holds_only_trainable_and_carries_state(stage):
-    engine, model, _ = make_engine(stage, autofreeze={"enabled": False})
+def test_engine_optimizer_holds_only_trainable_and_carries_state(stage, bf16):
+    extra = {"bf16": {"enabled": True}} if bf16 else {}
+    model = tiny_bert(seed=0)
+    engine, *_ = ds_autofreeze.initialize(model=model, config={**ds_config(stage, {"enabled": False}), **extra})
     train(engine, batches(5))
     head = model.classifier.weight
-    before = {"fp32": ds_autofreeze.engine.safe_get_full_fp32_param(head) if stage else head.detach().clone()}
-    if stage:
-        before["exp_avg"] = ds_autofreeze.engine.safe_get_full_optimizer_state(head, "exp_avg")
-    else:
-        before["exp_avg"] = engine.optimizer.state[head]["exp_avg"].clone()
+    before = master_and_moment(engine, head)
+    assert before[0].dtype == torch.float32 and before[1].abs().sum() > 0
     engine.freeze_and_repartition(3)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    if stage:
-        held = sum(flat.numel() for flat in engine.optimizer.single_partition_of_fp32_groups)
-        assert held == trainable  # one rank: the partition is everything trainable, nothing more
-        after_exp_avg = ds_autofreeze.engine.safe_get_full_optimizer_state(head, "exp_avg")
-        after_fp32 = ds_autofreeze.engine.safe_get_full_fp32_param(head)
-        state_numel = sum(s["exp_avg"].numel() for s in engine.optimizer.optimizer.state.values())
-    else:
-        held = sum(p.numel() for g in engine.optimizer.param_groups for p in g["params"])
-        assert held == trainable
-        after_exp_avg, after_fp32 = engine.optimizer.state[head]["exp_avg"], head.detach()
-        state_numel = sum(s["exp_avg"].numel() for s in engine.optimizer.state.values())
-    assert state_numel == trainable  # frozen parameters' moments are gone
-    assert torch.equal(before["exp_avg"], after_exp_avg)
-    assert torch.equal(before["fp32"], after_fp32)
+    assert trainable < sum(p.numel() for p in model.parameters()) // 2
+    # One rank: the optimizer holds masters and moments for exactly the trainable parameters.
+    assert optimizer_numel(engine) == (trainable, trainable)
+    after = master_and_moment(engine, head)
+    assert torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])
+    train(engine, batches(3, seed=9))  # and the rebuilt optimizer keeps training
+    assert not torch.equal(master_and_moment(engine, head)[0], after[0])
 
 
 def test_engine_lr_schedule_continues_through_freeze():
