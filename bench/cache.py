@@ -139,6 +139,28 @@ def stall(steps: int) -> list[dict]:
     return rows
 
 
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def ram_budget(budget_mb: int, offered_mb: int) -> dict:
+    """Offer the RAM tier several times its budget in MiniLM-shaped entries; the process RSS may
+    grow by the budget (plus one batch in flight), not by what was offered."""
+    shape = (SEQ, SHAPES["MiniLM-L6"]["hidden"])
+    entry = shape[0] * shape[1] * 4
+    n = offered_mb * 2 ** 20 // entry
+    cache = ActivationCache(CacheConfig(enabled=True, ram_bytes=budget_mb * 2 ** 20, disk_bytes=0), None, n, "rss")
+    cache.set_boundary(1, "w")
+    before = rss_bytes()
+    for start in range(0, n, BATCH):
+        ids = list(range(start, min(n, start + BATCH)))
+        cache.put(ids, torch.randn(len(ids), *shape))
+    growth = rss_bytes() - before
+    return {"budget_mb": budget_mb, "offered_mb": offered_mb, "ram_tier_mb": round(cache.ram_bytes_used / 2 ** 20, 1),
+            "rss_growth_mb": round(growth / 2 ** 20, 1)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--repeats", type=int, default=5)
@@ -164,9 +186,13 @@ def main() -> None:
     for r in stalls:
         print(f"| {r['prefetch_depth']} | {r['step_ms']} | {r['stall_ms_per_step']} | {r['stall_fraction']:.2%} | "
               f"{r['sync_reads']} |")
+    budget = ram_budget(256, 1024)
+    print("\n| RAM budget (MB) | offered (MB) | RAM tier holds (MB) | process RSS growth (MB) |\n|---|---|---|---|")
+    print(f"| {budget['budget_mb']} | {budget['offered_mb']} | {budget['ram_tier_mb']} | {budget['rss_growth_mb']} |")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump({"tier_speed": speed, "hit_rates": rates, "stall": stalls, "settings": vars(args)}, f, indent=1)
+        json.dump({"tier_speed": speed, "hit_rates": rates, "stall": stalls, "ram_budget": budget,
+                   "settings": vars(args)}, f, indent=1)
     print(f"\nwrote {args.out}")
 
 

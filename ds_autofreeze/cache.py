@@ -14,12 +14,14 @@ Tiers, looked up in order:
 
 Safety: an entry counts only once its manifest line (index + CRC32 of the bytes) is written,
 after the chunk itself (Zarr writes chunks to a temp file and renames). Reads verify the CRC,
-so torn or corrupted chunks are recomputed, never fed to the model. ENOSPC or a vanished
-directory disables the disk tier with one warning. The directory is 0700 and every file 0600.
+so torn or corrupted chunks are recomputed, never fed to the model. A full disk (ENOSPC) stops
+writes but keeps serving what is stored; a vanished directory or another I/O error disables the
+disk tier. Each says so in one warning. The directory is 0700 and every file 0600.
 No pickle anywhere: chunks are raw arrays, the manifest is text.
 """
 from __future__ import annotations
 
+import errno
 import os
 import queue
 import shutil
@@ -165,6 +167,7 @@ class ActivationCache:
             self._root.mkdir(parents=True, exist_ok=True, mode=0o700)
             os.chmod(self._root, 0o700)
         self._disk_lock = threading.RLock()
+        self._writes_stopped = False
         self._warned: set[str] = set()
         self._writes: queue.Queue = queue.Queue(maxsize=1024)
         self._order: list[list[int]] = []
@@ -268,7 +271,7 @@ class ActivationCache:
         for row, index in enumerate(indices):
             value = hidden[row].clone()
             self._admit(index, value)
-            if self._root is not None:
+            if self._root is not None and not self._writes_stopped:
                 try:
                     self._writes.put_nowait((self.boundary, index, value))
                 except queue.Full:  # never block the training step on I/O
@@ -317,6 +320,14 @@ class ActivationCache:
                         continue
                     storage = value.view(disk.view_dtype) if disk.view_dtype is not None else value
                     disk.write(index, storage.numpy())
+            except OSError as err:
+                if err.errno != errno.ENOSPC:
+                    self._disk_failed(err)
+                    continue
+                # A full disk keeps what it has: entries already written are still served.
+                self._writes_stopped = True
+                self._warn_once("full", f"activation cache: disk full ({err}); no more entries are written, "
+                                        "the ones on disk are still used, the rest is recomputed")
             except Exception as err:
                 self._disk_failed(err)
             finally:

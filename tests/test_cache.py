@@ -181,10 +181,10 @@ def test_cache_enospc_warns_once_and_degrades_to_recompute(tmp_path, monkeypatch
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(cache_mod._DiskStore, "write", full)
     cache = make_cache(tmp_path, ram_bytes=2 * ENTRY_BYTES, prefetch_depth=0)
-    with pytest.warns(RuntimeWarning, match="disk tier disabled.*No space left") as record:
+    with pytest.warns(RuntimeWarning, match="disk full.*No space left") as record:
         fill(cache, list(range(6)))
         fill(cache, list(range(6, 12)))
-    assert len([w for w in record if "disk tier" in str(w.message)]) == 1
+    assert len([w for w in record if "disk full" in str(w.message)]) == 1
     got = cache.get(list(range(12)))
     assert sum(g is not None for g in got) == 2  # the RAM tier still works; the rest is recomputed
 
@@ -250,3 +250,21 @@ def test_cache_directory_deleted_mid_run_recomputes(tmp_path):
         faulty = train_epochs(tmp_path / "c", ram_bytes=0, fault=delete)
     assert_same_run(plain, faulty)
     assert faulty[2].cache.stats.misses > 0
+
+
+def test_cache_disk_full_mid_run_gives_the_same_training(tmp_path, monkeypatch):
+    from ds_autofreeze import cache as cache_mod
+    plain = train_epochs()
+    real_write = cache_mod._DiskStore.write
+    written = []
+
+    def write_until_full(self, index, value):
+        if len(written) >= 10:
+            raise OSError(28, "No space left on device")
+        written.append(index)
+        real_write(self, index, value)
+    monkeypatch.setattr(cache_mod._DiskStore, "write", write_until_full)
+    with pytest.warns(RuntimeWarning, match="No space left"):
+        faulty = train_epochs(tmp_path / "c", ram_bytes=0)
+    assert_same_run(plain, faulty)
+    assert len(written) == 10 and faulty[2].cache.stats.disk_hits > 0
