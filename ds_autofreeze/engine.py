@@ -227,7 +227,7 @@ class AutoFreezeEngine(DeepSpeedEngine):
                     view = self._grad_acc[offset:offset + p.numel()].view_as(p)
                     # A tensor hook sees each micro-batch's local gradient before DeepSpeed moves
                     # it into its buckets, for every ZeRO stage alike.
-                    self._grad_hooks.append(p.register_hook(lambda g, acc=view: acc.add_(g.float())))
+                    self._grad_hooks.append(p.register_hook(_accumulate_into(view)))
                     offset += p.numel()
 
     def _block_grad_norms(self) -> list[float]:
@@ -342,6 +342,12 @@ class AutoFreezeEngine(DeepSpeedEngine):
             if self._grad_acc is not None and os.path.exists(acc_path):
                 self._grad_acc.copy_(torch.load(acc_path, weights_only=True))
         return path, client_state
+
+
+def _accumulate_into(acc: torch.Tensor):
+    def hook(grad: torch.Tensor) -> None:
+        acc.add_(grad.float())  # returns nothing: a tensor hook's return value would replace the gradient
+    return hook
 
 
 def _trainable_groups(groups: list[dict]) -> tuple[list[dict], list[int]]:

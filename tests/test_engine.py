@@ -138,6 +138,17 @@ def test_engine_lr_schedule_continues_through_freeze():
     assert lrs["frozen"][4] != lrs["frozen"][15]
 
 
+@pytest.mark.parametrize("stage", [0, 2])
+def test_engine_gradnorm_statistics_leave_training_untouched(stage):
+    """The gradient hooks only read: the run equals the reference loop freezing at the steps it chose."""
+    engine, model, _ = make_engine(stage, autofreeze={"decider": {"name": "gradnorm", "interval_steps": 3}})
+    data = batches(30)
+    losses = train(engine, data)
+    assert engine.freeze_events
+    expected = reference_losses(tiny_bert(seed=0), data, {e["step"]: e["frozen_blocks"] for e in engine.freeze_events})
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected), rtol=1e-5, atol=0)
+
+
 def test_engine_gradnorm_freezes_with_gradient_accumulation():
     engine, model, _ = make_engine(2, accum=2, autofreeze={"decider": {"name": "gradnorm", "interval_steps": 3}})
     data = batches(40)
