@@ -92,6 +92,9 @@ def load_config(path: str) -> dict:
         config = load_ds_config(path)
     except (ValueError, json.JSONDecodeError) as err:
         raise ConfigError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(config.get("train_micro_batch_size_per_gpu"), int):
+        # The loaders are built before DeepSpeed, to size the run (total steps, schedule).
+        raise ConfigError(f"{path}: train_micro_batch_size_per_gpu (an integer) is required")
     get_autofreeze_config(config)  # fail on a bad key now, before any data or model work
     return config
 
@@ -188,7 +191,8 @@ def evaluate(engine, loader: DataLoader) -> float:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    config = load_config(args.deepspeed_config)
+    config_path = args.deepspeed_config
+    config = load_config(config_path)
     model_path = resolve_model_path(args)
 
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -211,8 +215,8 @@ def main(argv: list[str] | None = None) -> dict:
     default_rendezvous()
     deepspeed.init_distributed(dist_backend=deepspeed.get_accelerator().communication_backend_name())
     world, rank = dist.get_world_size(), dist.get_rank()
-    micro = config.get("train_micro_batch_size_per_gpu", 8)
-    accum = config.get("gradient_accumulation_steps", 1)
+    micro = config["train_micro_batch_size_per_gpu"]
+    accum = config.get("gradient_accumulation_steps", 1)  # DeepSpeed's own default
     # Each rank keeps its shard across epochs (reshuffled within it): its cache stays relevant.
     train_sampler = ShardShuffleSampler(len(train_set), world, rank, args.seed)
     train_loader = DataLoader(train_set, batch_size=micro, sampler=train_sampler, drop_last=True)
@@ -225,7 +229,7 @@ def main(argv: list[str] | None = None) -> dict:
     total_steps = steps_per_epoch * args.num_train_epochs
     config = fill_auto(config, total_steps)
 
-    config_path, args.deepspeed_config = args.deepspeed_config, None  # the resolved dict goes in as config=
+    args.deepspeed_config = None  # the resolved dict goes in as config=
     engine, _, _, _ = ds_autofreeze.initialize(args=args, model=model, model_parameters=param_groups(model),
                                                config=config)
     cache_config = engine.autofreeze_config.cache
