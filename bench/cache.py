@@ -170,6 +170,8 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
 
+    # First, while the heap is fresh: memory freed by later sections would hide the growth.
+    budget = ram_budget(256, 1024)
     speed = [tier_speed(name, shape, args.repeats) for name, shape in SHAPES.items()]
     print("| shape | frozen blocks | batch (MB) | recompute (ms) | RAM read (ms) | disk read, cold (ms) | disk vs recompute |")
     print("|---|---|---|---|---|---|---|")
@@ -186,7 +188,6 @@ def main() -> None:
     for r in stalls:
         print(f"| {r['prefetch_depth']} | {r['step_ms']} | {r['stall_ms_per_step']} | {r['stall_fraction']:.2%} | "
               f"{r['sync_reads']} |")
-    budget = ram_budget(256, 1024)
     print("\n| RAM budget (MB) | offered (MB) | RAM tier holds (MB) | process RSS growth (MB) |\n|---|---|---|---|")
     print(f"| {budget['budget_mb']} | {budget['offered_mb']} | {budget['ram_tier_mb']} | {budget['rss_growth_mb']} |")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
