@@ -202,7 +202,7 @@ class ActivationCache:
         with self._staged_lock:
             self._staged.clear()
         self._epochs_since_move += 1
-        if self._epochs_since_move > 2:  # a whole epoch ran at the new boundary: all of it is stored
+        if self._epochs_since_move >= 2:  # a whole epoch ran at the new boundary: all of it is stored
             with self._disk_lock:
                 self._drop_previous()
         for j in range(min(self.config.prefetch_depth, len(self._order))):

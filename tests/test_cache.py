@@ -268,3 +268,15 @@ def test_cache_disk_full_mid_run_gives_the_same_training(tmp_path, monkeypatch):
         faulty = train_epochs(tmp_path / "c", ram_bytes=0)
     assert_same_run(plain, faulty)
     assert len(written) == 10 and faulty[2].cache.stats.disk_hits > 0
+
+
+def test_cache_previous_boundary_kept_one_full_epoch(tmp_path):
+    cache = make_cache(tmp_path, ram_bytes=0, prefetch_depth=0)
+    fill(cache, [1, 2])
+    cache.set_boundary(3, "weights3")  # mid-epoch move
+    assert cache.get_previous([1, 2, 5])[0] == 2 and cache.get_previous([1])[1][0] is not None
+    cache.plan_epoch([[1, 2]])  # the epoch after the move still needs the old entries
+    assert cache.get_previous([1])[1][0] is not None
+    cache.plan_epoch([[1, 2]])  # a whole epoch ran at boundary 3: the old store is deleted
+    assert cache.get_previous([1]) == (0, [None])
+    assert not list(tmp_path.glob("b2-*"))
