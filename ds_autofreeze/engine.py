@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import time
-import zlib
 from typing import Any, Optional, Union
 
 import deepspeed
@@ -28,7 +27,7 @@ from deepspeed.runtime.tensor_parallel.init_utils import load_ds_config
 from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_optimizer_state, safe_set_full_fp32_param,
                              safe_set_full_optimizer_state)
 
-from .cache import ActivationCache
+from .cache import ActivationCache, crc32_of
 from .config import AutoFreezeConfig, ConfigError, get_autofreeze_config
 from .deciders import Decider, build_decider
 from .model_adapter import ModelAdapter
@@ -140,14 +139,7 @@ class AutoFreezeEngine(DeepSpeedEngine):
         return torch.stack([e.to(self.device) for e in entries])
 
     def _frozen_weights_fingerprint(self) -> str:
-        crc = 0
-        for module in self.adapter.frozen_modules(self.num_frozen_blocks):
-            for p in module.parameters():
-                data = p.detach().cpu().contiguous()
-                if data.dtype in (torch.bfloat16, torch.float16):
-                    data = data.view(torch.int16)
-                crc = zlib.crc32(data.numpy().tobytes(), crc)
-        return f"{crc:08x}"
+        return crc32_of([p for m in self.adapter.frozen_modules(self.num_frozen_blocks) for p in m.parameters()])
 
     def freeze_and_repartition(self, num_frozen_blocks: int) -> None:
         """Freeze embeddings + blocks[:num_frozen_blocks] and rebuild the optimizer over the rest.

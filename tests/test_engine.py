@@ -1,5 +1,4 @@
 """AutoFreezeEngine on one rank: repartition correctness against a plain PyTorch loop."""
-import copy
 
 import pytest
 import torch
