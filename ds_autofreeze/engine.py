@@ -184,12 +184,13 @@ class AutoFreezeEngine(DeepSpeedEngine):
         norms = None
         if self.decider.needs_grad_stats and self.decider.is_decision_step(step):
             norms = self._block_grad_norms()
-        proposal = self.decider.decide(step, self.num_frozen_blocks, norms)
-        # Rank 0's decision is the one applied everywhere, so ranks can never diverge.
-        decided = torch.tensor([proposal], dtype=torch.long)
-        if dist.is_initialized() and dist.get_world_size() > 1:
+        new = self.decider.decide(step, self.num_frozen_blocks, norms)
+        if norms is not None and dist.is_initialized() and dist.get_world_size() > 1:
+            # Rank 0's decision is the one applied everywhere, so ranks can never diverge even if
+            # float reductions differed. Deciders without statistics decide from the step alone.
+            decided = torch.tensor([new], dtype=torch.long)
             dist.broadcast(decided, src=0)
-        new = int(decided.item())
+            new = int(decided.item())
         if new > self.num_frozen_blocks:
             self.freeze_and_repartition(new)
             event = {"step": step, "frozen_blocks": new,
@@ -292,6 +293,7 @@ class AutoFreezeEngine(DeepSpeedEngine):
     # ------------------------------------------------------------------ checkpoints
     def autofreeze_state_dict(self) -> dict[str, Any]:
         return {"num_frozen_blocks": self.num_frozen_blocks, "freeze_events": self.freeze_events,
+                "world_size": dist.get_world_size() if dist.is_initialized() else 1,
                 "decider": self.decider.state_dict() if self.decider else {},
                 "cache": self.cache.manifest() if self.cache else None,
                 "config": self.autofreeze_config.model_dump(mode="json")}
@@ -330,10 +332,62 @@ class AutoFreezeEngine(DeepSpeedEngine):
         self.freeze_events = state["freeze_events"]
         if self.decider is not None:
             self.decider.load_state_dict(state["decider"])
-            acc_path = os.path.join(tag_dir, GRAD_ACC_FILE.format(rank=self.global_rank))
-            if self._grad_acc is not None and os.path.exists(acc_path):
-                self._grad_acc.copy_(torch.load(acc_path, weights_only=True))
+            if self._grad_acc is not None:
+                self._grad_acc.copy_(self._saved_grad_acc(tag_dir, state.get("world_size", 1)))
         return path, client_state
+
+    def _saved_grad_acc(self, tag_dir: str, saved_world: int) -> torch.Tensor:
+        """This rank's gradient sums since the last decision. On another world size every rank
+        starts from the saved ranks' mean: the decision averages over ranks, so it is unchanged."""
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        ranks = [self.global_rank] if saved_world == world else range(saved_world)
+        sums = [torch.load(os.path.join(tag_dir, GRAD_ACC_FILE.format(rank=r)), weights_only=True) for r in ranks]
+        return torch.stack(sums).mean(0) if len(sums) > 1 else sums[0]
+
+    def _load_zero_checkpoint(self, load_dir: str, tag: str, load_optimizer_states: bool = True) -> bool:
+        # DeepSpeed refuses ZeRO-1/2 optimizer state saved on another data-parallel size. The
+        # files hold each rank's flat partition and where every parameter's fragment lies in it
+        # (param_slice_mappings): stitch each trainable parameter's full master weight and
+        # moments back together and hand them to this world's partitions.
+        if self.loaded_checkpoint_dp_world_size == self.seq_dp_world_size:
+            return super()._load_zero_checkpoint(load_dir, tag, load_optimizer_states=load_optimizer_states)
+        names = self._get_all_zero_checkpoint_names(load_dir, tag, self.bfloat16_enabled())
+        fragments: dict[str, dict[str, list[torch.Tensor]]] = {}
+        scalars: dict[str, Any] = {}
+        param_groups: list[dict] = []
+        for name in names:  # dp rank order: a parameter's fragments follow each other
+            saved = torch.load(name, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+            base = saved["base_optimizer_state"]
+            param_groups = param_groups or base["param_groups"]
+            for group, (mapping, fp32) in enumerate(zip(saved["param_slice_mappings"],
+                                                        saved["single_partition_of_fp32_groups"])):
+                state = base["state"].get(group, {})
+                flat = {"fp32": fp32, **{k: v for k, v in state.items() if torch.is_tensor(v) and v.dim() == 1}}
+                scalars = scalars or {k: v for k, v in state.items() if k not in flat}
+                for pname, frag in mapping.items():
+                    for key, tensor in flat.items():
+                        fragments.setdefault(pname, {}).setdefault(key, []).append(
+                            tensor.narrow(0, frag.start, frag.numel))
+        if not fragments:
+            raise RuntimeError(f"{os.path.join(load_dir, tag)}: the ZeRO checkpoint has no parameter mappings "
+                               "(saved by a DeepSpeed too old to reshard)")
+        master, moments = {}, {}
+        for pname, p in self.module.named_parameters():
+            if not p.requires_grad:
+                continue
+            if pname not in fragments:
+                raise RuntimeError(f"{os.path.join(load_dir, tag)}: no optimizer state for trainable parameter {pname}")
+            full = {key: torch.cat(parts).view(p.shape).to(self.device) for key, parts in fragments[pname].items()}
+            master[p] = full.pop("fp32")
+            moments[p] = full
+        keys = sorted(next(iter(moments.values())).keys()) if load_optimizer_states else []
+        self._restore_optimizer_state({"kind": "flat", "master": master, "scalars": scalars, "keys": keys,
+                                       "moments": moments if load_optimizer_states else {}})
+        if load_optimizer_states:
+            # Hyperparameters the scheduler moved (lr) come with the state, as in DeepSpeed's own load.
+            for group, saved_group in zip(self.optimizer.param_groups, param_groups):
+                group.update({k: v for k, v in saved_group.items() if k != "params"})
+        return True
 
 
 def _accumulate_into(acc: torch.Tensor):
