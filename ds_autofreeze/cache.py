@@ -9,7 +9,9 @@ Tiers, looked up in order:
 - Disk: one Zarr v3 array per boundary, shape (N, T, H), one example per chunk, raw bytes
   (bf16/fp16 as an int16 view: bit-exact). Every entry is written behind to disk by a thread,
   so eviction from RAM costs nothing and a restarted run finds the cache filled. A background
-  thread prefetches the next batches of the known epoch order from disk.
+  thread prefetches the next batches of the known epoch order from disk. Ranks sharing the
+  directory share the array (each writes its own shard, with its own manifest), so a run
+  re-packed onto fewer or more ranks keeps every entry.
 - Past both budgets, or on any disk error: a miss, and the engine recomputes.
 
 Safety: an entry counts only once its manifest line (index + CRC32 of the bytes) is written,
@@ -21,7 +23,9 @@ No pickle anywhere: chunks are raw arrays, the manifest is text.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import os
 import queue
 import shutil
@@ -85,34 +89,46 @@ class CacheStats:
 
 
 class _DiskStore:
-    """One boundary's Zarr array plus its append-only manifest ``<index> <crc32>`` lines."""
+    """One boundary's Zarr array, shared by every rank that caches into the same directory, plus
+    one append-only manifest per writer (``<index> <crc32>`` lines). Ranks write disjoint
+    examples (their shards), so they never write the same chunk; a re-packed run reopens the
+    store and finds what every former rank wrote."""
 
-    def __init__(self, root: Path, name: str, shape: Optional[tuple[int, ...]] = None,
+    def __init__(self, root: Path, name: str, writer: str, shape: Optional[tuple[int, ...]] = None,
                  dtype: Optional[torch.dtype] = None):
         """Reopen the store ``name`` under root if a run left one, else create it (needs shape, dtype)."""
+        self.root, self.name = root, name
         self.path = root / f"{name}.zarr"
-        self.manifest_path = root / f"{name}.manifest"
-        if self.path.exists() and self.manifest_path.exists():
-            self.array = zarr.open_array(store=_PrivateStore(self.path), mode="r+")
-            dtype = getattr(torch, self.array.attrs["torch_dtype"])
-            self.complete = self._read_manifest()
-        elif shape is None:
-            raise FileNotFoundError(self.manifest_path)
-        else:
-            self.array = zarr.create_array(store=_PrivateStore(self.path), shape=shape, chunks=(1, *shape[1:]),
-                                           dtype=_STORAGE[dtype][0], compressors=None, filters=None, fill_value=0,
-                                           overwrite=True, attributes={"torch_dtype": str(dtype).split(".")[-1]})
-            self.manifest_path.write_text("")
-            os.chmod(self.manifest_path, 0o600)
-            self.complete = {}
+        self.manifest_path = root / f"{name}.{writer}.manifest"
+        with _locked(root / f"{name}.lock"):  # ranks may open the same new store at once
+            if (self.path / "zarr.json").exists():
+                self.array = zarr.open_array(store=_PrivateStore(self.path), mode="r+")
+                dtype = getattr(torch, self.array.attrs["torch_dtype"])
+            elif shape is None:
+                raise FileNotFoundError(self.path)
+            else:
+                for stale in root.glob(f"{name}.*.manifest"):  # they described an array that is gone
+                    stale.unlink()
+                self.array = zarr.create_array(store=_PrivateStore(self.path), shape=shape, chunks=(1, *shape[1:]),
+                                               dtype=_STORAGE[dtype][0], compressors=None, filters=None,
+                                               fill_value=0, overwrite=True,
+                                               attributes={"torch_dtype": str(dtype).split(".")[-1]})
+            self._manifest = open(os.open(self.manifest_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "a")
+        self.complete: dict[int, int] = {}
+        self._own: set[int] = set()
+        for manifest in root.glob(f"{name}.*.manifest"):
+            entries = self._read_manifest(manifest)
+            self.complete.update(entries)
+            if manifest == self.manifest_path:
+                self._own = set(entries)
         self.dtype = dtype
         self.np_dtype, self.view_dtype = _STORAGE[dtype]
         self.entry_bytes = int(np.prod(self.array.shape[1:])) * np.dtype(self.np_dtype).itemsize
-        self._manifest = open(self.manifest_path, "a")
 
-    def _read_manifest(self) -> dict[int, int]:
+    @staticmethod
+    def _read_manifest(path: Path) -> dict[int, int]:
         complete = {}
-        for line in self.manifest_path.read_text().splitlines():
+        for line in path.read_text().splitlines():
             parts = line.split()
             # A line cut short by a crash (no newline yet, or a missing field) is ignored.
             if len(parts) == 2 and parts[0].isdigit() and parts[1].isdigit():
@@ -121,7 +137,8 @@ class _DiskStore:
 
     @property
     def bytes_used(self) -> int:
-        return len(self.complete) * self.entry_bytes
+        """This writer's share: the disk budget is per rank."""
+        return len(self._own) * self.entry_bytes
 
     def write(self, index: int, value: np.ndarray) -> None:
         crc = zlib.crc32(value.tobytes())
@@ -130,6 +147,7 @@ class _DiskStore:
         self._manifest.write(f"{index} {crc}\n")
         self._manifest.flush()
         self.complete[index] = crc
+        self._own.add(index)
 
     def read(self, index: int) -> Optional[torch.Tensor]:
         """The entry, or None if it is absent; raises _CorruptEntry if its bytes fail the checksum."""
@@ -146,10 +164,26 @@ class _DiskStore:
         return tensor.view(self.dtype) if self.view_dtype is not None else tensor
 
     def close(self, delete: bool) -> None:
+        """With ``delete``: withdraw this writer's entries; the last writer out removes the array."""
         self._manifest.close()
         if delete:
-            shutil.rmtree(self.path, ignore_errors=True)
-            self.manifest_path.unlink(missing_ok=True)
+            with _locked(self.root / f"{self.name}.lock"):
+                self.manifest_path.unlink(missing_ok=True)
+                if not any(self.root.glob(f"{self.name}.*.manifest")):
+                    shutil.rmtree(self.path, ignore_errors=True)
+                    # Nobody creates a store being dropped (the boundary has moved past it).
+                    (self.root / f"{self.name}.lock").unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """An exclusive lock between processes (flock on a 0600 file next to the store)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 class _CorruptEntry(Exception):
@@ -159,8 +193,12 @@ class _CorruptEntry(Exception):
 class ActivationCache:
     """Per-rank cache of the hidden states entering block ``boundary`` for each training example."""
 
-    def __init__(self, config: CacheConfig, disk_dir: Optional[str], num_examples: int, data_fingerprint: str):
+    def __init__(self, config: CacheConfig, disk_dir: Optional[str], num_examples: int, data_fingerprint: str,
+                 writer: str = "rank0"):
+        """``disk_dir`` may be shared by all ranks (each names itself ``writer``): their entries land
+        in one store per boundary, so a run re-packed onto other ranks keeps them."""
         self.config = config
+        self.writer = writer
         self.num_examples = num_examples
         self.data_fingerprint = data_fingerprint
         self.boundary = 0
@@ -190,21 +228,41 @@ class ActivationCache:
 
     # ------------------------------------------------------------------ boundary and epochs
     def set_boundary(self, boundary: int, weights_fingerprint: str) -> None:
-        """The frozen prefix grew. The old boundary's disk store is kept until every example has
-        been seen at the new one, to feed the newly frozen blocks once instead of the whole prefix."""
-        if boundary == self.boundary:
+        """The frozen prefix grew (or, at the same boundary, its weights were reloaded). The old
+        boundary's disk store is kept until every example has been seen at the new one, to feed
+        the newly frozen blocks once instead of the whole prefix."""
+        name = self._store_name(boundary, weights_fingerprint)
+        if name == self.store_name:
             return
         self.flush()
         with self._disk_lock:
-            self._drop_previous()
-            if self._disk is not None:
-                self._previous = (self.boundary, self._disk)
-            self._epochs_since_move = 0
+            if boundary != self.boundary:
+                self._drop_previous()
+                if self._disk is not None:
+                    self._previous = (self.boundary, self._disk)
+                self._epochs_since_move = 0
+            elif self._disk is not None:
+                self._disk.close(delete=False)
             self.boundary = boundary
-            self.store_name = f"b{boundary}-{self.data_fingerprint}-{weights_fingerprint}"
+            self.store_name = name
             self._ram, self._ram_used, self._disk = OrderedDict(), 0, None
         with self._staged_lock:
             self._staged.clear()
+
+    def _store_name(self, boundary: int, weights_fingerprint: str) -> str:
+        return f"b{boundary}-{self.data_fingerprint}-{weights_fingerprint}"
+
+    def restore(self, manifest: dict, previous_weights_fingerprint: Optional[str]) -> None:
+        """Continue where a checkpointed run left off (``manifest()`` of that run, same boundary):
+        its previous boundary's store, if still on disk, feeds the newly frozen blocks again."""
+        self._epochs_since_move = manifest.get("epochs_since_move", 0)
+        previous = manifest.get("previous")
+        if previous is None or previous_weights_fingerprint is None or self._root is None or self._previous:
+            return
+        name = self._store_name(previous["boundary"], previous_weights_fingerprint)
+        if name == previous["store"] and (self._root / f"{name}.zarr" / "zarr.json").exists():
+            with self._disk_lock:
+                self._previous = (previous["boundary"], _DiskStore(self._root, name, self.writer))
 
     def plan_epoch(self, batches: Sequence[Sequence[int]]) -> None:
         """The example order of the coming epoch, batch by batch, for prefetching."""
@@ -309,10 +367,10 @@ class ActivationCache:
         when there is something to write."""
         with self._disk_lock:
             if self._disk is None and self._root is not None and self.store_name is not None:
-                exists = (self._root / f"{self.store_name}.manifest").exists()
+                exists = (self._root / f"{self.store_name}.zarr" / "zarr.json").exists()
                 if exists or create_like is not None:
                     shape = None if exists else (self.num_examples, *create_like.shape)
-                    self._disk = _DiskStore(self._root, self.store_name, shape,
+                    self._disk = _DiskStore(self._root, self.store_name, self.writer, shape,
                                             None if exists else create_like.dtype)
             return self._disk
 
@@ -387,6 +445,9 @@ class ActivationCache:
 
     def manifest(self) -> dict:
         """What a checkpoint records: the store in use and how full it is."""
+        previous = self._previous
         return {"boundary": self.boundary, "store": self.store_name,
+                "previous": {"boundary": previous[0], "store": previous[1].name} if previous else None,
+                "epochs_since_move": self._epochs_since_move,
                 "disk_entries": len(self._disk.complete) if self._disk else 0,
                 "ram_entries": len(self._ram), "stats": self.stats.as_dict()}

@@ -95,6 +95,40 @@ class CacheConfig(_ConfigModel):
     """RAM-tier eviction policy: ``pinned`` or ``lru``."""
 
 
+class PackingMode(str, Enum):
+    off = "off"
+    """Keep the world size the run was launched with."""
+    performance = "performance"
+    """At each freeze, move to the (workers, micro-batch, accumulation) that finishes soonest."""
+    efficiency = "efficiency"
+    """At each freeze, move to the plan with the least worker-hours x price that meets the deadline."""
+
+
+class PackingConfig(_ConfigModel):
+    """Re-packing the job onto fewer or more workers as blocks freeze (ds_autofreeze/packing.py;
+    the cost model is in docs/packing.md). The global batch stays fixed."""
+    mode: PackingMode = PackingMode.off
+    """``off``, ``performance`` or ``efficiency``."""
+    max_workers: Optional[int] = Field(None, ge=1)
+    """Most workers a plan may use; None: the world size the run was launched with."""
+    workers_per_node: Optional[int] = Field(None, ge=1)
+    """Workers sharing a node's fast links; None: the launch's local world size."""
+    worker_price_per_hour: float = Field(1.0, gt=0)
+    """Price of one worker for an hour, in any currency: costs are reported in it."""
+    deadline_seconds: Optional[float] = Field(None, gt=0)
+    """Efficiency mode: finish training within this many seconds of its start, if any plan can."""
+    worker_memory_bytes: Optional[int] = Field(None, ge=1)
+    """Memory one worker may use; None: the accelerator's memory (unbounded on CPU)."""
+    intra_node_bandwidth: Optional[float] = Field(None, gt=0)
+    """All-reduce bandwidth inside a node, bytes/s; None: measured at start (2+ workers)."""
+    inter_node_bandwidth: Optional[float] = Field(None, gt=0)
+    """All-reduce bandwidth across nodes, bytes/s; None: the measured one."""
+    restart_seconds: float = Field(60.0, ge=0)
+    """What a re-pack costs (checkpoint, relaunch, reload): a move must save more than this."""
+    max_micro_batch: Optional[int] = Field(None, ge=1)
+    """Largest micro-batch a plan may use (besides the memory limit)."""
+
+
 class AutoFreezeConfig(_ConfigModel):
     enabled: bool = True
     """Freeze blocks during training. A config without an ``autofreeze`` section is off."""
@@ -105,6 +139,8 @@ class AutoFreezeConfig(_ConfigModel):
     """Which rule decides the frozen prefix, and its parameters (``name`` picks the rule)."""
     cache: CacheConfig = Field(default_factory=CacheConfig)
     """Activation cache of the frozen prefix."""
+    packing: PackingConfig = Field(default_factory=PackingConfig)
+    """Re-packing onto another number of workers at freezes (launch/finetune.py runs only)."""
     log_freezes: bool = True
     """Print one line on rank 0 each time the boundary moves."""
 

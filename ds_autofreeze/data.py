@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset
 
 from .cache import crc32_of
 
@@ -133,6 +133,15 @@ class TokenizedDataset(Dataset):
         """CRC32 of the token ids: an activation cache store is reused only for the same data."""
         return crc32_of([self.input_ids, self.attention_mask])
 
+    def batch(self, ids: Sequence[int]) -> dict[str, torch.Tensor]:
+        """The examples ``ids`` as one batch of model inputs."""
+        index = torch.as_tensor(ids, dtype=torch.long)
+        batch = {"input_ids": self.input_ids[index], "attention_mask": self.attention_mask[index],
+                 "labels": self.labels[index]}
+        if self.token_type_ids is not None:
+            batch["token_type_ids"] = self.token_type_ids[index]
+        return batch
+
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         item = {"input_ids": self.input_ids[i], "attention_mask": self.attention_mask[i], "labels": self.labels[i],
                 "example_id": torch.tensor(i)}
@@ -141,27 +150,29 @@ class TokenizedDataset(Dataset):
         return item
 
 
-class ShardShuffleSampler(Sampler[int]):
-    """Each rank owns a fixed shard of the examples for the whole run and reshuffles only within
-    it every epoch, so a rank's activation cache holds exactly what it will train on again.
+def epoch_steps(num_examples: int, seed: int, epoch: int, world: int, per_rank: int) -> list[list[int]]:
+    """Epoch ``epoch`` on ``world`` ranks that each take ``per_rank`` examples per optimizer step:
+    for every global step, its examples in rank order (rank r's share is ``rank_share``).
 
-    The shard is a seeded permutation's slice ``[rank::world]`` (so shards are label-mixed), cut
-    to equal length; epoch e's order is the shard shuffled with seed + e + 1.
+    Each rank owns a fixed shard for the whole run (a seeded permutation's slice ``[rank::world]``,
+    label-mixed, cut to equal length) and reshuffles only within it (seed + epoch + 1), so a rank's
+    activation cache holds exactly what it will train on again. A run re-packed onto another world
+    size mid-epoch finishes this list (same examples per step, re-split over the new ranks); the
+    next epoch shards for the new world.
     """
+    if world < 1 or per_rank < 1:
+        raise ValueError(f"world and per_rank must be >= 1, got {world}, {per_rank}")
+    perm = torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed)).tolist()
+    shard_len = num_examples // world
+    order = torch.randperm(shard_len, generator=torch.Generator().manual_seed(seed + epoch + 1)).tolist()
+    shards = [perm[r::world][:shard_len] for r in range(world)]
+    orders = [[shard[i] for i in order] for shard in shards]
+    return [[x for o in orders for x in o[t * per_rank:(t + 1) * per_rank]] for t in range(shard_len // per_rank)]
 
-    def __init__(self, num_examples: int, world_size: int, rank: int, seed: int):
-        perm = torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed)).tolist()
-        per_rank = num_examples // world_size
-        self.shard = perm[rank::world_size][:per_rank]
-        self.seed = seed
-        self.epoch = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed + self.epoch + 1)
-        return iter([self.shard[i] for i in torch.randperm(len(self.shard), generator=g).tolist()])
-
-    def __len__(self) -> int:
-        return len(self.shard)
+def rank_share(step: Sequence[int], world: int, rank: int) -> list[int]:
+    """Rank ``rank``'s examples of one global step split evenly over ``world`` ranks."""
+    if len(step) % world:
+        raise ValueError(f"a global step of {len(step)} examples does not split over {world} ranks")
+    n = len(step) // world
+    return list(step[rank * n:(rank + 1) * n])

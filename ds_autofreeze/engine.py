@@ -166,8 +166,9 @@ class AutoFreezeEngine(DeepSpeedEngine):
                     entries[j] = row
         return torch.stack([e.to(self.device) for e in entries])
 
-    def _frozen_weights_fingerprint(self) -> str:
-        return crc32_of([p for m in self.adapter.frozen_modules(self.num_frozen_blocks) for p in m.parameters()])
+    def _frozen_weights_fingerprint(self, num_frozen_blocks: Optional[int] = None) -> str:
+        k = self.num_frozen_blocks if num_frozen_blocks is None else num_frozen_blocks
+        return crc32_of([p for m in self.adapter.frozen_modules(k) for p in m.parameters()])
 
     def freeze_and_repartition(self, num_frozen_blocks: int) -> None:
         """Freeze embeddings + blocks[:num_frozen_blocks] and rebuild the optimizer over the rest.
@@ -358,6 +359,12 @@ class AutoFreezeEngine(DeepSpeedEngine):
             self.freeze_and_repartition(state["num_frozen_blocks"])
         path, client_state = super().load_checkpoint(load_dir, tag=tag, **kwargs)
         self.freeze_events = state["freeze_events"]
+        if self.cache is not None and self.num_frozen_blocks:
+            # The store is named after the frozen weights: the loaded ones, not those before the load.
+            self.cache.set_boundary(self.num_frozen_blocks, self._frozen_weights_fingerprint())
+            if state.get("cache"):
+                previous = state["cache"].get("previous")
+                self.cache.restore(state["cache"], previous and self._frozen_weights_fingerprint(previous["boundary"]))
         if self.decider is not None:
             self.decider.load_state_dict(state["decider"])
             if self._grad_acc is not None:

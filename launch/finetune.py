@@ -13,11 +13,13 @@ baseline is the same script with configs/full.json (no "autofreeze" section).
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import random
 import sys
 import time
+from typing import Any
 
 # Quiet, offline: nothing is downloaded at run time.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -35,23 +37,45 @@ from tqdm import tqdm  # noqa: E402
 import ds_autofreeze  # noqa: E402
 from ds_autofreeze.config import AUTOFREEZE, ConfigError, get_autofreeze_config  # noqa: E402
 from ds_autofreeze.cache import ActivationCache  # noqa: E402
-from ds_autofreeze.data import (DataError, ShardShuffleSampler, TokenizedDataset, imdb_split, read_rows,  # noqa: E402
-                                select_examples)
+from ds_autofreeze.data import (DataError, TokenizedDataset, epoch_steps, imdb_split, rank_share,  # noqa: E402
+                                read_rows, select_examples)
 from ds_autofreeze.engine import STATE_FILE  # noqa: E402
 from ds_autofreeze.model_adapter import UnsupportedModelError  # noqa: E402
+from ds_autofreeze.packing import Repacker  # noqa: E402
 
 CHECKPOINT_DIR = "checkpoints"
+LAUNCH_STATE = "launch_state.json"  # the loop's position and bookkeeping, readable before DeepSpeed starts
+REPACK_CONFIG = "ds_config.json"  # the DeepSpeed config a re-packed run continues with
+EXIT_REPACK = 75  # under slurm: "relaunch me on the workers in $DS_AUTOFREEZE_REPACK_FILE"
 
 
 def default_rendezvous() -> None:
-    """Plain ``python launch/finetune.py`` is a world of one; without this DeepSpeed would try
-    MPI discovery. Launchers (deepspeed, torchrun) set these variables themselves."""
-    if "RANK" not in os.environ:
-        import socket
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    """torch.distributed's variables for launchers that do not set them. Under ``srun`` they come
+    from SLURM_* (DeepSpeed's own slurm path does not export them); plain ``python`` is a world of
+    one (without this DeepSpeed would try MPI discovery). deepspeed/torchrun set them themselves."""
+    if "RANK" in os.environ:
+        return
+    if "SLURM_PROCID" in os.environ and "SLURM_STEP_ID" in os.environ:
+        os.environ.update(RANK=os.environ["SLURM_PROCID"], WORLD_SIZE=os.environ["SLURM_NTASKS"],
+                          LOCAL_RANK=os.environ["SLURM_LOCALID"],
+                          LOCAL_WORLD_SIZE=os.environ.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0])
+        if "MASTER_ADDR" not in os.environ:
+            import subprocess
+            hosts = subprocess.run(["scontrol", "show", "hostnames", os.environ["SLURM_JOB_NODELIST"]],
+                                   capture_output=True, text=True, check=True).stdout.split()
+            os.environ["MASTER_ADDR"] = hosts[0]
+        # One port per job step: a re-packed relaunch inside the same job gets a fresh one.
+        os.environ.setdefault("MASTER_PORT", str(20000 + (int(os.environ["SLURM_JOB_ID"]) * 7
+                                                          + int(os.environ["SLURM_STEP_ID"])) % 20000))
+        return
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -72,6 +96,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="a checkpoints directory (resumes its latest), one epoch's tag directory in it, "
                         "or 'latest' for <output_dir>/checkpoints")
     p.add_argument("--no_progress", action="store_true", help="no progress bar (logs only)")
+    p.add_argument("--ddp_timeout", type=int, default=1800,
+                   help="seconds a collective may wait for another rank before the run fails")
+    p.add_argument("--trace_examples", action="store_true",
+                   help="write the example ids each rank trains on, per step, to <output_dir>/trace/ (audits the "
+                        "data order across resumes and re-packs)")
     p = deepspeed.add_config_arguments(p)
     p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)))
     args = p.parse_args(argv)
@@ -189,6 +218,7 @@ def evaluate(engine, loader: DataLoader) -> float:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     config_path = args.deepspeed_config
     config = load_config(config_path)
@@ -212,107 +242,156 @@ def main(argv: list[str] | None = None) -> dict:
         model.config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     default_rendezvous()
-    deepspeed.init_distributed(dist_backend=deepspeed.get_accelerator().communication_backend_name())
+    deepspeed.init_distributed(dist_backend=deepspeed.get_accelerator().communication_backend_name(),
+                               timeout=datetime.timedelta(seconds=args.ddp_timeout))
     world, rank = dist.get_world_size(), dist.get_rank()
+    resume_dir = None
+    if args.resume_from_checkpoint:
+        resume_dir = os.path.join(*resolve_checkpoint(os.path.join(args.output_dir, CHECKPOINT_DIR)
+                                                      if args.resume_from_checkpoint == "latest"
+                                                      else args.resume_from_checkpoint))
+    # Where the loop stands and what the run was sized with: a re-packed or resumed run keeps the
+    # original total steps (so the LR schedule and the decider's intervals do not move).
+    state = read_launch_state(resume_dir) if resume_dir else {
+        "epoch": 0, "step_in_epoch": 0, "epoch_layout": None, "train_time": 0.0, "loss_sum": 0.0,
+        "loss_count": 0, "history": [], "repacks": [], "launch_world": world, "total_steps": None}
     micro = config["train_micro_batch_size_per_gpu"]
     accum = config.get("gradient_accumulation_steps", 1)  # DeepSpeed's own default
-    # Each rank keeps its shard across epochs (reshuffled within it): its cache stays relevant.
-    train_sampler = ShardShuffleSampler(len(train_set), world, rank, args.seed)
-    train_loader = DataLoader(train_set, batch_size=micro, sampler=train_sampler, drop_last=True)
-    eval_loader = DataLoader(eval_set, batch_size=max(micro, 32),
-                             sampler=DistributedSampler(eval_set, num_replicas=world, rank=rank, shuffle=False))
-    steps_per_epoch = len(train_loader) // accum
+    per_rank = micro * accum
+    steps_per_epoch = len(train_set) // world // per_rank
     if steps_per_epoch == 0:
         raise DataError(f"{len(train_set)} training examples do not fill one batch of "
                         f"{micro} x {accum} accumulation x {world} ranks")
-    total_steps = steps_per_epoch * args.num_train_epochs
+    eval_loader = DataLoader(eval_set, batch_size=max(micro, 32),
+                             sampler=DistributedSampler(eval_set, num_replicas=world, rank=rank, shuffle=False))
+    total_steps = state["total_steps"] or steps_per_epoch * args.num_train_epochs
+    state["total_steps"] = total_steps
     config = fill_auto(config, total_steps)
 
     args.deepspeed_config = None  # the resolved dict goes in as config=
     engine, _, _, _ = ds_autofreeze.initialize(args=args, model=model, model_parameters=param_groups(model),
                                                config=config)
-    cache_config = engine.autofreeze_config.cache
-    if engine.autofreeze_config.enabled and cache_config.enabled:
-        disk_dir = cache_config.disk_dir or os.path.join(args.output_dir, "activation_cache")
-        engine.attach_cache(ActivationCache(cache_config, os.path.join(disk_dir, f"rank{rank}"), len(train_set),
-                                            data_fingerprint=train_set.fingerprint()))
+    autofreeze = engine.autofreeze_config
+    if autofreeze.enabled and autofreeze.cache.enabled:
+        disk_dir = autofreeze.cache.disk_dir or os.path.join(args.output_dir, "activation_cache")
+        engine.attach_cache(ActivationCache(autofreeze.cache, disk_dir, len(train_set),
+                                            data_fingerprint=train_set.fingerprint(), writer=f"rank{rank}"))
+    repacker = None
+    if autofreeze.enabled and autofreeze.packing.mode.value != "off":
+        repacker = Repacker(autofreeze.packing, model, engine.adapter, per_rank * world, args.max_seq_length, world,
+                            cached_prefix=engine.cache is not None, started_world=state["launch_world"])
     is_main = engine.global_rank == 0
     say = (lambda *a: print(*a, flush=True)) if is_main else (lambda *a: None)
     say(f"model {model_path} ({engine.num_blocks} blocks, {sum(p.numel() for p in model.parameters()):,} params), "
-        f"train {len(train_set)} / eval {len(eval_set)} examples, {world} rank(s), "
-        f"{steps_per_epoch} steps/epoch x {args.num_train_epochs} epochs, autofreeze "
-        f"{'on: ' + engine.autofreeze_config.decider.name if engine.decider else 'off'}")
+        f"train {len(train_set)} / eval {len(eval_set)} examples, {world} rank(s) x {micro} x {accum} accumulation, "
+        f"{total_steps} steps, autofreeze "
+        f"{'on: ' + autofreeze.decider.name if engine.decider else 'off'}"
+        f"{', packing ' + autofreeze.packing.mode.value if repacker else ''}")
 
-    # Resume: the engine restores the frozen boundary and decider state with the weights.
-    history: list[dict] = []
-    start_epoch, train_time, loss_sum, loss_count = 0, 0.0, 0.0, 0
     ckpt_dir = os.path.join(args.output_dir, CHECKPOINT_DIR)
-    if args.resume_from_checkpoint:
-        load_dir, tag = resolve_checkpoint(ckpt_dir if args.resume_from_checkpoint == "latest"
-                                           else args.resume_from_checkpoint)
-        _, state = engine.load_checkpoint(load_dir, tag=tag)
-        resume_dir = os.path.join(load_dir, tag)
-        start_epoch, train_time = state["epoch"] + 1, state["train_time"]
-        loss_sum, loss_count, history = state["loss_sum"], state["loss_count"], state["history"]
-        torch.set_rng_state(state["torch_rng"])
-        say(f"resumed from {resume_dir} after epoch {state['epoch'] + 1} "
-            f"(step {engine.global_steps}, {engine.num_frozen_blocks} blocks frozen)")
+    if resume_dir:
+        _, client_state = engine.load_checkpoint(os.path.dirname(resume_dir), tag=os.path.basename(resume_dir))
+        torch.set_rng_state(client_state["torch_rng"])
+        say(f"resumed from {resume_dir} at epoch {state['epoch'] + 1}, step {engine.global_steps} "
+            f"({engine.num_frozen_blocks} blocks frozen)")
 
+    def save(tag: str, **position) -> str:
+        """A checkpoint the loop can continue from: engine state, then the loop's position."""
+        state.update(position, train_time=round(state["train_time"], 3), freeze_events=engine.freeze_events)
+        tag_dir = os.path.join(ckpt_dir, tag)
+        if is_main:
+            os.makedirs(tag_dir, exist_ok=True)
+            write_json(os.path.join(tag_dir, LAUNCH_STATE), state)  # before 'latest' names the tag
+        engine.save_checkpoint(ckpt_dir, tag=tag, client_state={"torch_rng": torch.get_rng_state()})
+        return tag_dir
+
+    trace = open_trace(args, world, rank) if args.trace_examples else None
     engine.train()
-    stamp_freezes(engine, train_time)  # a static decider froze before the first step
-    for epoch in range(start_epoch, args.num_train_epochs):
-        train_sampler.set_epoch(epoch)
+    stamp_freezes(engine, state["train_time"])  # a static decider froze before the first step
+    for epoch in range(state["epoch"], args.num_train_epochs):
+        # An epoch a re-pack interrupted finishes with the global batches it started with.
+        layout = state["epoch_layout"] if epoch == state["epoch"] and state["epoch_layout"] else (world, per_rank)
+        steps = epoch_steps(len(train_set), args.seed, epoch, *layout)
+        first = state["step_in_epoch"] if epoch == state["epoch"] else 0
+        mine = [rank_share(step, world, rank) for step in steps]
         if engine.cache is not None:
-            order = list(train_sampler)
-            engine.cache.plan_epoch([order[i:i + micro] for i in range(0, len(order) - micro + 1, micro)])
-        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{args.num_train_epochs}", unit="step",
+            engine.cache.plan_epoch([ids[j:j + micro] for ids in mine[first:] for j in range(0, per_rank, micro)])
+        bar = tqdm(total=len(steps), initial=first, desc=f"epoch {epoch + 1}/{args.num_train_epochs}", unit="step",
                    disable=not is_main or args.no_progress, dynamic_ncols=True, file=sys.stdout)
         epoch_start = time.perf_counter()
-        for i, batch in enumerate(train_loader):
-            if i >= steps_per_epoch * accum:
-                break
-            example_ids = batch.pop("example_id")
-            batch = {k: v.to(engine.device) for k, v in batch.items()}
-            loss = engine(**batch, example_ids=example_ids).loss
-            engine.backward(loss)
-            engine.step()
-            loss_sum, loss_count = loss_sum + loss.item(), loss_count + 1
-            stamp_freezes(engine, train_time + time.perf_counter() - epoch_start)
-            if (i + 1) % accum == 0:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.4f}", frozen=f"{engine.num_frozen_blocks}/{engine.num_blocks}")
+        for t in range(first, len(steps)):
+            step_start, frozen_before = time.perf_counter(), engine.num_frozen_blocks
+            for j in range(0, per_rank, micro):
+                ids = mine[t][j:j + micro]
+                batch = {k: v.to(engine.device) for k, v in train_set.batch(ids).items()}
+                loss = engine(**batch, example_ids=torch.tensor(ids)).loss
+                engine.backward(loss)
+                engine.step()
+                state["loss_sum"], state["loss_count"] = state["loss_sum"] + loss.item(), state["loss_count"] + 1
+            now = time.perf_counter()
+            stamp_freezes(engine, state["train_time"] + now - epoch_start)
+            if trace is not None:
+                trace.write(json.dumps({"epoch": epoch, "step": engine.global_steps, "ids": mine[t]}) + "\n")
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4f}", frozen=f"{engine.num_frozen_blocks}/{engine.num_blocks}")
+            if repacker is None:
+                continue
+            if engine.num_frozen_blocks == frozen_before:
+                repacker.record_step(now - step_start)
+                continue
+            plan = repacker.on_freeze(frozen_before, engine.num_frozen_blocks, total_steps - engine.global_steps,
+                                      state["train_time"] + now - epoch_start, world, micro, accum)
+            if plan is None or t + 1 == len(steps) and epoch + 1 == args.num_train_epochs:
+                continue
+            bar.close()
+            state["train_time"] += time.perf_counter() - epoch_start
+            state["repacks"].append({"step": engine.global_steps, "frozen_blocks": engine.num_frozen_blocks,
+                                     "from_workers": world, **plan.as_dict()})
+            say(f"[packing] step {engine.global_steps}: {world} -> {plan.workers} worker(s), micro-batch "
+                f"{plan.micro_batch} x {plan.accumulation} accumulation (estimated {plan.step_seconds:.2f}s/step)")
+            tag_dir = save(f"repack-step{engine.global_steps}", epoch=epoch, step_in_epoch=t + 1,
+                           epoch_layout=list(layout))
+            if trace is not None:
+                trace.close()
+            relaunch(args, argv, config_path, config, plan, tag_dir, is_main)
         bar.close()
-        train_time += time.perf_counter() - epoch_start
+        state["train_time"] += time.perf_counter() - epoch_start
         eval_start = time.perf_counter()
         accuracy = evaluate(engine, eval_loader)
-        history.append({"epoch": epoch + 1, "step": engine.global_steps, "train_time": round(train_time, 3),
-                        "eval_accuracy": accuracy, "eval_seconds": round(time.perf_counter() - eval_start, 3),
-                        "frozen_blocks": engine.num_frozen_blocks, "train_loss": loss_sum / max(loss_count, 1)})
-        say(f"epoch {epoch + 1}: eval_accuracy {accuracy:.4f}, train_loss {loss_sum / max(loss_count, 1):.4f}, "
-            f"frozen {engine.num_frozen_blocks}/{engine.num_blocks}, train time {train_time:.1f}s")
-        engine.save_checkpoint(ckpt_dir, tag=f"epoch{epoch + 1}", client_state={
-            "epoch": epoch, "train_time": train_time, "loss_sum": loss_sum, "loss_count": loss_count,
-            "history": history, "torch_rng": torch.get_rng_state()})
+        train_loss = state["loss_sum"] / max(state["loss_count"], 1)
+        state["history"].append({"epoch": epoch + 1, "step": engine.global_steps, "world_size": world,
+                                 "train_time": round(state["train_time"], 3), "eval_accuracy": accuracy,
+                                 "eval_seconds": round(time.perf_counter() - eval_start, 3),
+                                 "frozen_blocks": engine.num_frozen_blocks, "train_loss": train_loss})
+        say(f"epoch {epoch + 1}: eval_accuracy {accuracy:.4f}, train_loss {train_loss:.4f}, "
+            f"frozen {engine.num_frozen_blocks}/{engine.num_blocks}, train time {state['train_time']:.1f}s")
+        save(f"epoch{epoch + 1}", epoch=epoch + 1, step_in_epoch=0, epoch_layout=None)
+    if trace is not None:
+        trace.close()
 
+    history = state["history"]
+    worker_seconds = sum(h["world_size"] * (h["train_time"] - (history[i - 1]["train_time"] if i else 0))
+                         for i, h in enumerate(history))
     results = {
         "eval_accuracy": history[-1]["eval_accuracy"] if history else None,
-        "train_loss": loss_sum / max(loss_count, 1),
-        "train_runtime": round(train_time, 3),
+        "train_loss": state["loss_sum"] / max(state["loss_count"], 1),
+        "train_runtime": round(state["train_time"], 3),
         "train_steps": engine.global_steps,
-        "train_samples_per_second": round(engine.global_steps * micro * accum * world / max(train_time, 1e-9), 3),
+        "train_samples_per_second": round(engine.global_steps * per_rank * world / max(state["train_time"], 1e-9), 3),
         "freeze_events": engine.freeze_events,
         "final_frozen_blocks": engine.num_frozen_blocks,
         "num_blocks": engine.num_blocks,
         "trainable_params": engine.trainable_parameter_count(),
         "world_size": world,
+        "repacks": state["repacks"],
+        "worker_seconds_by_epoch": round(worker_seconds, 3),
         "cache": engine.cache.manifest() if engine.cache is not None else None,
         "epochs": history,
         "config": config_path,
     }
     if is_main:
         os.makedirs(args.output_dir, exist_ok=True)
-        with open(os.path.join(args.output_dir, "all_results.json"), "w") as f:
-            json.dump(results, f, indent=1)
+        write_json(os.path.join(args.output_dir, "all_results.json"), results)
         events = ", ".join(f"step {e['step']} -> {e['frozen_blocks']}" for e in engine.freeze_events) or "none"
         lines = [f"  {k:<20} {results[k]}" for k in ("eval_accuracy", "train_loss", "train_runtime", "train_steps",
                                                      "final_frozen_blocks", "trainable_params")]
@@ -320,9 +399,80 @@ def main(argv: list[str] | None = None) -> dict:
             stats = engine.cache.stats
             lines.append(f"  {'cache':<20} hit rate {stats.hit_rate:.3f} (RAM {stats.ram_hits}, disk {stats.disk_hits}, "
                          f"miss {stats.misses}), stall {stats.stall_seconds:.1f}s")
+        if state["repacks"]:
+            lines.append(f"  {'repacks':<20} " + ", ".join(f"step {r['step']}: {r['from_workers']} -> {r['workers']}"
+                                                            for r in state["repacks"]))
         say("\n".join(["summary:", *lines, f"  {'freeze_events':<20} {events}",
                        f"  results written to {os.path.join(args.output_dir, 'all_results.json')}"]))
     return results
+
+
+def write_json(path: str, obj: Any) -> None:
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def read_launch_state(tag_dir: str) -> dict:
+    path = os.path.join(tag_dir, LAUNCH_STATE)
+    if not os.path.isfile(path):
+        raise DataError(f"--resume_from_checkpoint: {tag_dir} has no {LAUNCH_STATE} (not written by this launcher)")
+    with open(path) as f:
+        return json.load(f)
+
+
+def open_trace(args: argparse.Namespace, world: int, rank: int):
+    trace_dir = os.path.join(args.output_dir, "trace")
+    os.makedirs(trace_dir, exist_ok=True)
+    return open(os.path.join(trace_dir, f"world{world}_rank{rank}.jsonl"), "a", buffering=1)
+
+
+def relaunch(args: argparse.Namespace, argv: list[str], config_path: str, config: dict, plan, tag_dir: str,
+             is_main: bool) -> None:
+    """Continue the run from ``tag_dir`` on ``plan.workers`` workers; never returns.
+
+    On one node rank 0 replaces itself with a new ``deepspeed`` launcher (the old launcher just
+    waits for it); under slurm every task exits with EXIT_REPACK and launch/slurm/finetune.sbatch
+    starts a new ``srun`` with the request this writes.
+    """
+    packed = {**config, "train_micro_batch_size_per_gpu": plan.micro_batch,
+              "gradient_accumulation_steps": plan.accumulation}
+    packed.pop("train_batch_size", None)
+    new_config = os.path.join(tag_dir, REPACK_CONFIG)
+    if is_main:
+        write_json(new_config, packed)
+    dist.barrier()
+    dist.destroy_process_group()
+    rest = strip_args(argv, {"--deepspeed_config", "--resume_from_checkpoint", "--local_rank"})
+    rest += ["--deepspeed_config", new_config, "--resume_from_checkpoint", tag_dir]
+    script = os.path.abspath(__file__)
+    if "SLURM_STEP_ID" in os.environ:
+        if is_main:
+            write_json(os.environ["DS_AUTOFREEZE_REPACK_FILE"], {"workers": plan.workers, "args": rest})
+        sys.stdout.flush()
+        os._exit(EXIT_REPACK)
+    if not is_main:
+        sys.stdout.flush()
+        os._exit(0)
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT"):
+        os.environ.pop(name, None)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execvp("deepspeed", ["deepspeed", "--num_gpus", str(plan.workers), "--master_port", str(free_port()),
+                            script, *rest])
+
+
+def strip_args(argv: list[str], names: set[str]) -> list[str]:
+    """``argv`` without the options in ``names`` (as ``--name value`` or ``--name=value``)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in names:
+            skip = True
+        elif a.split("=", 1)[0] not in names:
+            out.append(a)
+    return out
 
 
 def cli() -> None:

@@ -126,6 +126,28 @@ def test_cache_store_reused_only_for_same_data_and_weights(tmp_path):
     assert other.get([1, 2]) == [None, None]
 
 
+def test_cache_store_is_shared_by_ranks_and_survives_a_repack(tmp_path):
+    """Two ranks write their shards into one directory; a re-packed single rank finds both."""
+    ranks = []
+    for rank, shard in ((0, [0, 2, 4]), (1, [1, 3, 5])):
+        cache = ActivationCache(CacheConfig(enabled=True, ram_bytes=0, prefetch_depth=0), str(tmp_path), 64, "data",
+                                writer=f"rank{rank}")
+        cache.set_boundary(2, "weights")
+        fill(cache, shard)
+        ranks.append(cache)
+    assert sorted(p.name for p in tmp_path.glob("*.manifest")) == ["b2-data-weights.rank0.manifest",
+                                                                    "b2-data-weights.rank1.manifest"]
+    repacked = make_cache(tmp_path, ram_bytes=0, prefetch_depth=0)  # writer rank0 again
+    got = repacked.get(list(range(6)))
+    assert all(torch.equal(got[i], value(i)) for i in range(6))
+    # Dropping the store: each writer withdraws its manifest; the last one out removes the array.
+    ranks[0]._disk.close(delete=True)
+    assert (tmp_path / "b2-data-weights.zarr").exists()
+    ranks[1]._disk.close(delete=True)
+    repacked._disk.close(delete=True)
+    assert not list(tmp_path.glob("b2-*"))
+
+
 # ---------------------------------------------------------------- faults
 
 def test_cache_corrupted_chunk_is_detected_and_recomputed(tmp_path):

@@ -1,17 +1,15 @@
 import pytest
 
-from ds_autofreeze.data import DataError, ShardShuffleSampler, imdb_split, read_rows, select_examples
+from ds_autofreeze.data import DataError, epoch_steps, imdb_split, rank_share, read_rows, select_examples
 
 
-def test_sampler_shards_are_fixed_disjoint_and_reshuffled():
-    world = [ShardShuffleSampler(101, 2, r, seed=7) for r in range(2)]
-    epochs = []
-    for epoch in range(3):
-        orders = []
-        for s in world:
-            s.set_epoch(epoch)
-            orders.append(list(s))
-        epochs.append(orders)
+def _rank_orders(epoch, world=2, per_rank=5, n=101, seed=7):
+    steps = epoch_steps(n, seed, epoch, world, per_rank)
+    return [[x for step in steps for x in rank_share(step, world, r)] for r in range(world)]
+
+
+def test_rank_shards_are_fixed_disjoint_and_reshuffled():
+    epochs = [_rank_orders(e) for e in range(3)]
     for r in range(2):
         assert all(set(e[r]) == set(epochs[0][r]) for e in epochs)  # a rank keeps its examples
         assert epochs[0][r] != epochs[1][r]  # but sees them in a new order
@@ -19,11 +17,19 @@ def test_sampler_shards_are_fixed_disjoint_and_reshuffled():
     assert not set(epochs[0][0]) & set(epochs[0][1])
 
 
-def test_sampler_is_deterministic():
-    a, b = ShardShuffleSampler(50, 1, 0, seed=3), ShardShuffleSampler(50, 1, 0, seed=3)
-    a.set_epoch(2)
-    b.set_epoch(2)
-    assert list(a) == list(b) and sorted(a) == list(range(50))
+def test_epoch_steps_are_deterministic_and_cover_the_data():
+    assert epoch_steps(50, 3, 2, 1, 10) == epoch_steps(50, 3, 2, 1, 10)
+    assert sorted(x for step in epoch_steps(50, 3, 2, 1, 10) for x in step) == list(range(50))
+    assert epoch_steps(50, 3, 2, 1, 10) != epoch_steps(50, 3, 1, 1, 10)
+
+
+def test_a_global_step_resplits_over_another_world():
+    step = epoch_steps(64, 1, 0, 2, 8)[3]  # 16 examples: 8 per rank on 2 ranks
+    assert rank_share(step, 1, 0) == step
+    assert rank_share(step, 2, 0) + rank_share(step, 2, 1) == step
+    assert rank_share(step, 4, 3) == step[12:]
+    with pytest.raises(ValueError):
+        rank_share(step, 3, 0)
 
 
 def test_imdb_split_is_fixed_and_disjoint():

@@ -109,7 +109,7 @@ def test_finetune_cache_gives_the_same_run(tmp_path, tiny_model_dir, data_files)
     assert cached["freeze_events"][0]["step"] < 12  # froze in epoch 1, so epochs 2-3 could hit
     stats = cached["cache"]["stats"]
     assert stats["ram_hits"] > 0 and stats["disk_hits"] > 0 and stats["hit_rate"] > 0.3
-    assert os.listdir(tmp_path / "cached" / "activation_cache" / "rank0")
+    assert list((tmp_path / "cached" / "activation_cache").glob("*.rank0.manifest"))
 
 
 def test_finetune_resume_continues_exactly(tmp_path, tiny_model_dir, data_files):
@@ -145,8 +145,51 @@ def test_finetune_two_ranks_with_deepspeed_launcher(tmp_path, tiny_model_dir, da
     # Frozen from step 0: epoch 1 fills, epoch 2 finds rank 0's whole shard (48 examples) cached.
     stats = results["cache"]["stats"]
     assert stats["misses"] == 48 and stats["ram_hits"] + stats["disk_hits"] == 48
-    for rank in (0, 1):
-        assert os.listdir(tmp_path / "out" / "activation_cache" / f"rank{rank}")
+    # One store for both ranks, one manifest each.
+    names = os.listdir(tmp_path / "out" / "activation_cache")
+    assert sum(n.endswith(".zarr") for n in names) == 1
+    assert sorted(n.split(".")[-2] for n in names if n.endswith(".manifest")) == ["rank0", "rank1"]
+
+
+def test_finetune_repacks_from_two_ranks_to_one_without_losing_an_example(tmp_path, tiny_model_dir, data_files):
+    """Efficiency packing on 2 ranks: at the second freeze (step 8, mid-epoch 2) one worker is
+    cheaper, so the run checkpoints and the real launcher continues it on 1 rank. Every example of
+    every epoch is trained exactly once; boundary, optimizer and the shared cache carry over.
+    (The first freeze, at step 1, comes before any step was timed: no plan, no move.)"""
+    from ds_autofreeze.data import epoch_steps
+    af = {"decider": {"name": "schedule", "schedule": [{"fraction": 0.08, "num_frozen_blocks": 2},
+                                                       {"fraction": 0.67, "num_frozen_blocks": 3}]},
+          "cache": CACHED["cache"], "packing": {"mode": "efficiency", "restart_seconds": 0}}
+    out = tmp_path / "out"
+    proc = run(["--deepspeed_config", write_config(tmp_path / "pack.json", af), "--model_name_or_path",
+                tiny_model_dir, "--train_file", data_files[0], "--validation_file", data_files[1],
+                "--num_train_epochs", "2", "--max_seq_length", "16", "--output_dir", str(out), "--trace_examples"],
+               launcher=["deepspeed", "--num_gpus", "2", "--master_port", str(free_port())])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "[packing] step 8: 2 -> 1 worker(s), micro-batch 16 x 1 accumulation" in proc.stdout
+    results = json.loads((out / "all_results.json").read_text())
+    assert results["world_size"] == 1 and results["train_steps"] == 12  # 96 / 16 per step x 2 epochs
+    assert [(e["step"], e["frozen_blocks"]) for e in results["freeze_events"]] == [(1, 2), (8, 3)]
+    assert [(r["step"], r["from_workers"], r["workers"]) for r in results["repacks"]] == [(8, 2, 1)]
+    assert [h["world_size"] for h in results["epochs"]] == [2, 1]
+    packed = json.loads((out / "checkpoints" / "repack-step8" / "ds_config.json").read_text())
+    assert (packed["train_micro_batch_size_per_gpu"], packed["gradient_accumulation_steps"]) == (16, 1)
+
+    traces = {f.name: [json.loads(line) for line in f.read_text().splitlines()] for f in (out / "trace").iterdir()}
+    assert sorted(traces) == ["world1_rank0.jsonl", "world2_rank0.jsonl", "world2_rank1.jsonl"]
+    trained = [t for lines in traces.values() for t in lines]
+    for epoch in (0, 1):  # epoch 2 finishes with the global batches it started with on 2 ranks
+        seen = [i for t in trained if t["epoch"] == epoch for i in t["ids"]]
+        expected = [i for step in epoch_steps(96, 42, epoch, 2, 8) for i in step]
+        assert sorted(seen) == sorted(expected) and len(set(seen)) == len(seen) == 96, epoch
+    assert sorted(t["step"] for t in trained) == sorted([*range(1, 9), *range(1, 13)])
+    # The single rank's misses at boundary 3 start from the boundary-2 store both ranks filled in
+    # epoch 1 (steps 2-6: step 1 ran before the first freeze), rank 1's shard included.
+    written = {i for t in trained if t["epoch"] == 0 and t["step"] >= 2 for i in t["ids"]}
+    after = [i for t in traces["world1_rank0.jsonl"] for i in t["ids"]]
+    rank1 = {i for t in traces["world2_rank1.jsonl"] for i in t["ids"]}
+    stats = results["cache"]["stats"]
+    assert stats["previous_hits"] == len(written & set(after)) and written & set(after) & rank1
 
 
 def _bad_input_cases(tmp, model_dir, train, dev):
