@@ -17,6 +17,7 @@ import os
 import subprocess
 import sys
 import time
+from typing import Sequence
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNS = {"full": "configs/full.json", "static": "configs/static.json", "autofreeze": "configs/autofreeze.json",
@@ -24,9 +25,11 @@ RUNS = {"full": "configs/full.json", "static": "configs/static.json", "autofreez
 DEFAULT_RUNS = ["full", "static", "autofreeze", "autofreeze+cache"]
 
 
-def run_one(name: str, config: str, args: argparse.Namespace) -> dict:
+def run_one(name: str, config: str, args: argparse.Namespace, launcher: Sequence[str] = ()) -> dict:
+    """One launch/finetune.py run (under ``launcher``, e.g. ``deepspeed --num_gpus 2``; default:
+    this Python) with the bench's data settings; its all_results.json plus wall time."""
     out_dir = os.path.join(args.out, name)
-    cmd = [sys.executable, os.path.join(ROOT, "launch", "finetune.py"), "--deepspeed_config",
+    cmd = [*(launcher or [sys.executable]), os.path.join(ROOT, "launch", "finetune.py"), "--deepspeed_config",
            os.path.join(ROOT, config), "--output_dir", out_dir, "--max_train_samples", str(args.max_train_samples),
            "--max_eval_samples", str(args.max_eval_samples), "--max_seq_length", str(args.max_seq_length),
            "--num_train_epochs", str(args.num_train_epochs), "--seed", str(args.seed), "--no_progress"]

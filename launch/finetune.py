@@ -254,7 +254,8 @@ def main(argv: list[str] | None = None) -> dict:
     # original total steps (so the LR schedule and the decider's intervals do not move).
     state = read_launch_state(resume_dir) if resume_dir else {
         "epoch": 0, "step_in_epoch": 0, "epoch_layout": None, "train_time": 0.0, "loss_sum": 0.0,
-        "loss_count": 0, "history": [], "repacks": [], "launch_world": world, "total_steps": None}
+        "loss_count": 0, "history": [], "repacks": [], "launch_world": world, "total_steps": None,
+        "worker_seconds": 0.0}
     micro = config["train_micro_batch_size_per_gpu"]
     accum = config.get("gradient_accumulation_steps", 1)  # DeepSpeed's own default
     per_rank = micro * accum
@@ -344,7 +345,8 @@ def main(argv: list[str] | None = None) -> dict:
             if plan is None or t + 1 == len(steps) and epoch + 1 == args.num_train_epochs:
                 continue
             bar.close()
-            state["train_time"] += time.perf_counter() - epoch_start
+            spent = time.perf_counter() - epoch_start
+            state["train_time"], state["worker_seconds"] = state["train_time"] + spent, state["worker_seconds"] + world * spent
             state["repacks"].append({"step": engine.global_steps, "frozen_blocks": engine.num_frozen_blocks,
                                      "from_workers": world, **plan.as_dict()})
             say(f"[packing] step {engine.global_steps}: {world} -> {plan.workers} worker(s), micro-batch "
@@ -355,7 +357,8 @@ def main(argv: list[str] | None = None) -> dict:
                 trace.close()
             relaunch(args, argv, config_path, config, plan, tag_dir, is_main)
         bar.close()
-        state["train_time"] += time.perf_counter() - epoch_start
+        spent = time.perf_counter() - epoch_start
+        state["train_time"], state["worker_seconds"] = state["train_time"] + spent, state["worker_seconds"] + world * spent
         eval_start = time.perf_counter()
         accuracy = evaluate(engine, eval_loader)
         train_loss = state["loss_sum"] / max(state["loss_count"], 1)
@@ -370,8 +373,6 @@ def main(argv: list[str] | None = None) -> dict:
         trace.close()
 
     history = state["history"]
-    worker_seconds = sum(h["world_size"] * (h["train_time"] - (history[i - 1]["train_time"] if i else 0))
-                         for i, h in enumerate(history))
     results = {
         "eval_accuracy": history[-1]["eval_accuracy"] if history else None,
         "train_loss": state["loss_sum"] / max(state["loss_count"], 1),
@@ -384,7 +385,7 @@ def main(argv: list[str] | None = None) -> dict:
         "trainable_params": engine.trainable_parameter_count(),
         "world_size": world,
         "repacks": state["repacks"],
-        "worker_seconds_by_epoch": round(worker_seconds, 3),
+        "worker_seconds": round(state["worker_seconds"], 3),  # ranks x training seconds, across re-packs
         "cache": engine.cache.manifest() if engine.cache is not None else None,
         "epochs": history,
         "config": config_path,

@@ -1,4 +1,7 @@
+import csv
+import json
 import os
+import random
 import socket
 
 import pytest
@@ -62,3 +65,57 @@ def batches(n: int, micro: int = 4, seq: int = 12, vocab: int = 120, seed: int =
         mask[:, seq - 3:] = torch.randint(0, 2, (micro, 3), generator=g)  # some padding
         out.append({"input_ids": ids, "attention_mask": mask, "labels": torch.randint(0, 2, (micro,), generator=g)})
     return out
+
+
+# launch/finetune.py as a user runs it: a tiny model and data files on disk (tests/test_finetune.py,
+# tests/test_slurm.py).
+WORDS_POS = ["great", "good", "fine", "superb", "love", "fun"]
+WORDS_NEG = ["bad", "awful", "poor", "boring", "hate", "dull"]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A 4-block random BERT and a word-level tokenizer, saved as a user's local model would be."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+    path = tmp_path_factory.mktemp("tiny_bert")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS_POS, *WORDS_NEG, "the", "movie", "was"]
+    (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizerFast(vocab_file=str(path / "vocab.txt")).save_pretrained(path)
+    torch.manual_seed(0)
+    BertForSequenceClassification(BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=4,
+                                             num_attention_heads=2, intermediate_size=64,
+                                             max_position_embeddings=64)).save_pretrained(path)
+    return str(path)
+
+
+def write_csv(path, n, seed, label_fn=lambda y: y):
+    rng = random.Random(seed)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["text", "label"])
+        for _ in range(n):
+            y = rng.randint(0, 1)
+            words = rng.choices(WORDS_POS if y else WORDS_NEG, k=3) + ["the", "movie", "was"]
+            rng.shuffle(words)
+            w.writerow([" ".join(words), label_fn(y)])
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def data_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    return write_csv(d / "train.csv", 96, 1), write_csv(d / "dev.csv", 40, 2)
+
+
+def write_config(path, autofreeze=None, **extra):
+    config = {"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
+              "steps_per_print": 10 ** 6,
+              "optimizer": {"type": "AdamW", "params": {"lr": 3e-3, "weight_decay": 0.01, "torch_adam": True}},
+              "scheduler": {"type": "WarmupDecayLR", "params": {"warmup_min_lr": 0, "warmup_max_lr": 3e-3,
+                                                                "warmup_num_steps": 0.1, "total_num_steps": "auto"}},
+              "zero_optimization": {"stage": 1}, **extra}
+    if autofreeze is not None:
+        config["autofreeze"] = autofreeze
+    path.write_text(json.dumps(config))
+    return str(path)
