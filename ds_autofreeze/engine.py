@@ -9,6 +9,11 @@ and optimizer state, so their update continues as if nothing had happened.
 Flipping ``requires_grad`` alone is not enough: ZeRO keeps moving frozen parameters (momentum,
 weight decay) and keeps their flat fp32 partitions alive. Rebuilding through the engine's own
 ``_configure_optimizer`` keeps every ZeRO invariant DeepSpeed relies on.
+
+ZeRO-3 also partitions the weights. Frozen ones are marked persistent, so within a step they are
+gathered once (not again per use); with the activation cache their blocks (and the embeddings)
+never run, so they are not gathered at all. DeepSpeed still re-partitions every parameter at
+each optimizer step, so without the cache a frozen weight is gathered once per step.
 """
 from __future__ import annotations
 
@@ -37,9 +42,10 @@ GRAD_ACC_FILE = "autofreeze_grad_acc_rank{rank}.pt"
 
 
 def _flat_partitions(optimizer: Any) -> Optional[list[torch.Tensor]]:
-    """The flat fp32 partitions of DeepSpeed's mixed-precision wrappers (ZeRO-1/2: one per group,
-    bf16 stage 0 likewise), or None for a plain torch optimizer holding the model's parameters."""
-    for attr in ("single_partition_of_fp32_groups", "fp32_groups_flat_partition"):
+    """The flat fp32 partitions of DeepSpeed's ZeRO wrappers (ZeRO-1/2: one per group, ZeRO-3: one
+    per sub-group, bf16 stage 0 likewise), or None for a plain torch optimizer holding the model's
+    parameters."""
+    for attr in ("single_partition_of_fp32_groups", "fp32_groups_flat_partition", "fp32_partitioned_groups_flat"):
         if hasattr(optimizer, attr):
             return list(getattr(optimizer, attr))
     return None
@@ -49,8 +55,6 @@ class AutoFreezeEngine(DeepSpeedEngine):
     """DeepSpeed engine that freezes a growing prefix of the model's blocks during training."""
 
     def __init__(self, *args: Any, autofreeze: AutoFreezeConfig, **kwargs: Any):
-        if kwargs["config_class"].zero_optimization_stage > 2:
-            raise ConfigError("autofreeze: zero_optimization.stage 3 is not supported yet; use stage 0, 1 or 2")
         params = kwargs.get("model_parameters")
         params = list(kwargs["model"].parameters()) if params is None else list(params)
         # The user's param groups (weight-decay split, per-group lr) are what each rebuild filters.
@@ -83,7 +87,7 @@ class AutoFreezeEngine(DeepSpeedEngine):
         return self.adapter.num_frozen
 
     def trainable_parameter_count(self) -> int:
-        return sum(p.numel() for p in self.module.parameters() if p.requires_grad)
+        return sum(_numel(p) for p in self.module.parameters() if p.requires_grad)
 
     def training_state_bytes(self) -> dict[str, int]:
         """Bytes this rank holds beyond the model weights: fp32 master copies, optimizer moments and
@@ -168,7 +172,9 @@ class AutoFreezeEngine(DeepSpeedEngine):
 
     def _frozen_weights_fingerprint(self, num_frozen_blocks: Optional[int] = None) -> str:
         k = self.num_frozen_blocks if num_frozen_blocks is None else num_frozen_blocks
-        return crc32_of([p for m in self.adapter.frozen_modules(k) for p in m.parameters()])
+        params = [p for m in self.adapter.frozen_modules(k) for p in m.parameters()]
+        with deepspeed.zero.GatheredParameters(params, enabled=self.zero_optimization_partition_weights()):
+            return crc32_of(params)
 
     def freeze_and_repartition(self, num_frozen_blocks: int) -> None:
         """Freeze embeddings + blocks[:num_frozen_blocks] and rebuild the optimizer over the rest.
@@ -201,6 +207,12 @@ class AutoFreezeEngine(DeepSpeedEngine):
             self.lr_scheduler.optimizer = get_torch_optimizer(self.optimizer)
         if self._support_torch_style_backward:
             self.optimizer.register_grad_acc_post_hook(self._backward_post_hook)
+        if self.zero_optimization_partition_weights():
+            # ZeRO-3: a frozen parameter is gathered at its next use and then kept (never released),
+            # instead of all-gathered every step; with the cache its block never runs at all.
+            for m in self.adapter.frozen_modules(num_frozen_blocks):
+                for p in m.parameters():
+                    p.ds_persist = True
         if self.decider is not None:
             self._rebuild_grad_accumulator()
         if self.cache is not None:
@@ -238,7 +250,7 @@ class AutoFreezeEngine(DeepSpeedEngine):
         self._grad_hooks, self._grad_acc_slices = [], []
         if not self.decider.needs_grad_stats:
             return
-        sizes = [sum(p.numel() for p in self.adapter.block_parameters(i)) if i >= self.num_frozen_blocks else 0
+        sizes = [sum(_numel(p) for p in self.adapter.block_parameters(i)) if i >= self.num_frozen_blocks else 0
                  for i in range(self.num_blocks)]
         self._grad_acc = torch.zeros(sum(sizes), dtype=torch.float32, device=self.device)
         offset = 0
@@ -246,11 +258,11 @@ class AutoFreezeEngine(DeepSpeedEngine):
             self._grad_acc_slices.append((offset, offset + size))
             if size:
                 for p in self.adapter.block_parameters(i):
-                    view = self._grad_acc[offset:offset + p.numel()].view_as(p)
+                    view = self._grad_acc[offset:offset + _numel(p)].view(getattr(p, "ds_shape", p.shape))
                     # A tensor hook sees each micro-batch's local gradient before DeepSpeed moves
                     # it into its buckets, for every ZeRO stage alike.
                     self._grad_hooks.append(p.register_hook(_accumulate_into(view)))
-                    offset += p.numel()
+                    offset += _numel(p)
 
     def _block_grad_norms(self) -> list[float]:
         """L1 norm per block of the gradient summed since the last decision, averaged over ranks."""
@@ -283,8 +295,8 @@ class AutoFreezeEngine(DeepSpeedEngine):
         flat_state = inner.state.get(flats[0], {})
         per_element = [k for k, v in flat_state.items() if torch.is_tensor(v) and v.shape == flats[0].shape]
         scalars = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in flat_state.items() if k not in per_element}
-        if flat_state:
-            # DeepSpeed links the fragments after the step of group 0, before later groups have
+        if flat_state and hasattr(self.optimizer, "_lazy_init_hp_params_optimizer_state"):
+            # ZeRO-1/2 links the fragments after the step of group 0, before later groups have
             # any state, and never again (stage_1_and_2._optimizer_step): link them now.
             self.optimizer._hp_optimizer_states_linked = False
             self.optimizer._lazy_init_hp_params_optimizer_state()
@@ -313,8 +325,9 @@ class AutoFreezeEngine(DeepSpeedEngine):
         for flat in _flat_partitions(opt):
             inner.state[flat] = {**{k: (v.clone() if torch.is_tensor(v) else v) for k, v in carried["scalars"].items()},
                                  **{k: torch.zeros_like(flat) for k in carried["keys"]}}
-        opt._hp_optimizer_states_linked = False
-        opt._lazy_init_hp_params_optimizer_state()
+        if hasattr(opt, "_lazy_init_hp_params_optimizer_state"):
+            opt._hp_optimizer_states_linked = False
+            opt._lazy_init_hp_params_optimizer_state()
         for p, states in carried["moments"].items():
             for key, value in states.items():
                 safe_set_full_optimizer_state(p, value, key)
@@ -386,6 +399,10 @@ class AutoFreezeEngine(DeepSpeedEngine):
         # moments back together and hand them to this world's partitions.
         if self.loaded_checkpoint_dp_world_size == self.seq_dp_world_size:
             return super()._load_zero_checkpoint(load_dir, tag, load_optimizer_states=load_optimizer_states)
+        if self.zero_optimization_partition_weights():
+            raise ConfigError(f"{os.path.join(load_dir, tag)}: saved on {self.loaded_checkpoint_dp_world_size} ranks; "
+                              f"a ZeRO-3 checkpoint resumes on the same world size only ({self.seq_dp_world_size} "
+                              "now). Convert it with DeepSpeed's ds_to_universal, or train with ZeRO-1/2 to re-pack")
         names = self._get_all_zero_checkpoint_names(load_dir, tag, self.bfloat16_enabled())
         fragments: dict[str, dict[str, list[torch.Tensor]]] = {}
         scalars: dict[str, Any] = {}
@@ -423,6 +440,10 @@ class AutoFreezeEngine(DeepSpeedEngine):
             for group, saved_group in zip(self.optimizer.param_groups, param_groups):
                 group.update({k: v for k, v in saved_group.items() if k != "params"})
         return True
+
+
+def _numel(p: torch.nn.Parameter) -> int:
+    return getattr(p, "ds_numel", p.numel())  # ZeRO-3 parameters hold only their partition
 
 
 def _accumulate_into(acc: torch.Tensor):

@@ -6,8 +6,8 @@ embeddings nor a block (pooler, final norm, classifier) is the head and is never
 Running "from block k" reuses the model's own forward, so masks, position handling and the
 head stay exactly Hugging Face's: the block list is swapped for its suffix ``blocks[k:]`` for
 the duration of the call and the hidden states entering block k are substituted by a
-pre-hook. The embeddings still run (a lookup, negligible next to a block) but their output is
-discarded.
+pre-hook. The embedding modules are swapped for placeholders too: they would only compute an
+output that is discarded (and, under ZeRO-3, all-gather their weights every step to do so).
 """
 from __future__ import annotations
 
@@ -125,12 +125,20 @@ class ModelAdapter:
 
         handle = self.blocks[start_block].register_forward_pre_hook(substitute, with_kwargs=True)
         # Assigning a new ModuleList through nn.Module.__setattr__ re-registers the same block
-        # objects; no parameter is copied and the original list is put back below.
-        setattr(parent, attr, nn.ModuleList(self.blocks[start_block:]))
+        # objects; no parameter is copied and the originals are put back below.
+        swaps = [(parent, attr, full, nn.ModuleList(self.blocks[start_block:]))]
+        for path in self._layout.embeddings:
+            owner_path, _, name = path.rpartition(".")
+            owner = _get(self.model, owner_path)
+            if getattr(owner, name, None) is not None:
+                swaps.append((owner, name, getattr(owner, name), _Placeholder(hidden_states)))
+        for owner, name, _, replacement in swaps:
+            setattr(owner, name, replacement)
         try:
             yield
         finally:
-            setattr(parent, attr, full)
+            for owner, name, original, _ in swaps:
+                setattr(owner, name, original)
             handle.remove()
 
     @torch.no_grad()
@@ -161,6 +169,18 @@ class ModelAdapter:
             yield
         finally:
             handle.remove()
+
+
+class _Placeholder(nn.Module):
+    """Stands in for an embedding module whose output is replaced anyway: zeros shaped like the
+    hidden states (so sums and dtype-derived masks downstream behave), no weights touched."""
+
+    def __init__(self, like: torch.Tensor):
+        super().__init__()
+        self.like = like
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        return torch.zeros_like(self.like)
 
 
 class _StopForward(Exception):

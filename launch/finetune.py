@@ -56,19 +56,33 @@ def default_rendezvous() -> None:
     if "RANK" in os.environ:
         return
     if "SLURM_PROCID" in os.environ and "SLURM_STEP_ID" in os.environ:
+        node = int(os.environ.get("SLURM_NODEID", 0))
         os.environ.update(RANK=os.environ["SLURM_PROCID"], WORLD_SIZE=os.environ["SLURM_NTASKS"],
                           LOCAL_RANK=os.environ["SLURM_LOCALID"],
-                          LOCAL_WORLD_SIZE=os.environ.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0])
+                          LOCAL_WORLD_SIZE=str(slurm_tasks_per_node(os.environ.get("SLURM_STEP_TASKS_PER_NODE", "1"),
+                                                                    node)))
         if "MASTER_ADDR" not in os.environ:
             import subprocess
-            hosts = subprocess.run(["scontrol", "show", "hostnames", os.environ["SLURM_JOB_NODELIST"]],
+            # Rank 0 runs on the step's first node (the job may hold more).
+            nodelist = os.environ.get("SLURM_STEP_NODELIST", os.environ["SLURM_JOB_NODELIST"])
+            hosts = subprocess.run(["scontrol", "show", "hostnames", nodelist],
                                    capture_output=True, text=True, check=True).stdout.split()
             os.environ["MASTER_ADDR"] = hosts[0]
-        # One port per job step: a re-packed relaunch inside the same job gets a fresh one.
-        os.environ.setdefault("MASTER_PORT", str(20000 + (int(os.environ["SLURM_JOB_ID"]) * 7
+        # One port per job step, below Linux's ephemeral range (32768-): a re-packed relaunch
+        # inside the same job gets a fresh one.
+        os.environ.setdefault("MASTER_PORT", str(10000 + (int(os.environ["SLURM_JOB_ID"]) * 7
                                                           + int(os.environ["SLURM_STEP_ID"])) % 20000))
         return
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+
+
+def slurm_tasks_per_node(spec: str, node: int) -> int:
+    """Tasks on ``node`` from slurm's compressed per-node list, e.g. ``2(x3),1``."""
+    counts = []
+    for part in spec.split(","):
+        count, _, repeat = part.partition("(x")
+        counts += [int(count)] * (int(repeat.rstrip(")")) if repeat else 1)
+    return counts[min(node, len(counts) - 1)]
 
 
 def free_port() -> int:
@@ -279,6 +293,9 @@ def main(argv: list[str] | None = None) -> dict:
                                             data_fingerprint=train_set.fingerprint(), writer=f"rank{rank}"))
     repacker = None
     if autofreeze.enabled and autofreeze.packing.mode.value != "off":
+        if engine.zero_optimization_partition_weights():
+            raise ConfigError("autofreeze.packing: re-packing moves ZeRO-1/2 optimizer state between world sizes; "
+                              "ZeRO-3 checkpoints do not reshard (use zero_optimization.stage 1 or 2, or mode 'off')")
         repacker = Repacker(autofreeze.packing, model, engine.adapter, per_rank * world, args.max_seq_length, world,
                             cached_prefix=engine.cache is not None, started_world=state["launch_world"])
     is_main = engine.global_rank == 0
@@ -440,16 +457,19 @@ def relaunch(args: argparse.Namespace, argv: list[str], config_path: str, config
               "gradient_accumulation_steps": plan.accumulation}
     packed.pop("train_batch_size", None)
     new_config = os.path.join(tag_dir, REPACK_CONFIG)
-    if is_main:
-        write_json(new_config, packed)
-    dist.barrier()
-    dist.destroy_process_group()
     rest = strip_args(argv, {"--deepspeed_config", "--resume_from_checkpoint", "--local_rank"})
     rest += ["--deepspeed_config", new_config, "--resume_from_checkpoint", tag_dir]
-    script = os.path.abspath(__file__)
-    if "SLURM_STEP_ID" in os.environ:
-        if is_main:
+    under_slurm = "SLURM_STEP_ID" in os.environ
+    dist.barrier()  # every rank's part of the checkpoint is on disk
+    if is_main:
+        write_json(new_config, packed)
+        if under_slurm:
+            # Before any task exits: from then on srun may terminate the others at once.
             write_json(os.environ["DS_AUTOFREEZE_REPACK_FILE"], {"workers": plan.workers, "args": rest})
+    dist.barrier()
+    dist.destroy_process_group()
+    script = os.path.abspath(__file__)
+    if under_slurm:
         sys.stdout.flush()
         os._exit(EXIT_REPACK)
     if not is_main:

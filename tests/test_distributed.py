@@ -27,12 +27,23 @@ def _engine(stage: int, autofreeze: dict = SCHEDULE, bf16: bool = False, micro: 
     config = ds_config(stage, autofreeze, micro=micro, accum=accum)
     if bf16:
         config["bf16"] = {"enabled": True}
+    if stage == 3:  # the tiny model's parameters are all below DeepSpeed's default threshold: none would be partitioned
+        config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     engine, *_ = ds_autofreeze.initialize(model=tiny_bert(), config=config)
     return engine
 
 
-def _grad_bytes(engine) -> int:
-    return sum(p.numel() * p.element_size() for p in engine.module.parameters() if p.requires_grad)
+def _grad_bytes(engine, trainable: bool = True) -> int:
+    return sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in engine.module.parameters()
+               if p.requires_grad == trainable)
+
+
+def _full_params(engine) -> dict[str, torch.Tensor]:
+    """Every parameter's full value (ZeRO-3 holds partitions: gather them for the copy)."""
+    import deepspeed
+    params = list(engine.module.parameters())
+    with deepspeed.zero.GatheredParameters(params, enabled=engine.zero_optimization_partition_weights()):
+        return {n: p.detach().clone() for n, p in engine.module.named_parameters()}
 
 
 def _train(engine, data, on_step=None) -> list[dict]:
@@ -95,26 +106,27 @@ def two_rank_run(rank: int, world: int, stage: int, bf16: bool, ckpt_dir: str) -
         if step == SAVE_AT:
             engine.save_checkpoint(ckpt_dir, tag="mid", client_state={"rng": torch.get_rng_state()})
         if step in FREEZE_AT:
-            frozen_at_freeze.update({n: p.detach().clone() for n, p in engine.module.named_parameters()
-                                     if not p.requires_grad and n not in frozen_at_freeze})
+            frozen_at_freeze.update({n: p for n, p in _full_params(engine).items()
+                                     if not dict(engine.module.named_parameters())[n].requires_grad
+                                     and n not in frozen_at_freeze})
 
     torch.manual_seed(123)  # dropout stream
     records = _train(engine, data, on_step)
-    final = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+    final = _full_params(engine)
     events = [(e["step"], e["frozen_blocks"]) for e in engine.freeze_events]
 
     resumed = _engine(stage, bf16=bf16)
     _, client = resumed.load_checkpoint(ckpt_dir, tag="mid")
     torch.set_rng_state(client["rng"])
     resumed_records = _train(resumed, data[SAVE_AT * ACCUM:])
-    resumed_final = {n: p.detach().clone() for n, p in resumed.module.named_parameters()}
+    resumed_final = _full_params(resumed)
     reference = None if bf16 else _ddp_reference(rank, data, FREEZE_AT)
     return {"records": records, "final": final, "events": events, "frozen_at_freeze": frozen_at_freeze,
             "resumed_losses": [r["loss"] for r in resumed_records], "resumed_final": resumed_final,
             "reference": reference}
 
 
-@pytest.mark.parametrize("stage,bf16", [(0, False), (1, False), (2, False), (2, True)])
+@pytest.mark.parametrize("stage,bf16", [(0, False), (1, False), (2, False), (2, True), (3, False)])
 def test_two_ranks(stage, bf16, tmp_path):
     ranks = run_ranks(two_rank_run, 2, stage, bf16, str(tmp_path))
     r0, r1 = ranks
@@ -127,14 +139,14 @@ def test_two_ranks(stage, bf16, tmp_path):
         for name in r0["final"]:
             assert torch.equal(r["final"][name], r0["final"][name]), name
         # Gradient traffic is the trainable gradients (plus a few fixed bytes), before and after
-        # each freeze. ZeRO-2 reduces every micro-batch, stages 0/1 once per optimizer step.
+        # each freeze. ZeRO-2/3 reduce every micro-batch, stages 0/1 once per optimizer step.
         for i, rec in enumerate(r["records"]):
             if rec["froze"]:
                 continue  # the repartition's one-off gathers ride in this step
-            reduces = stage == 2 or rec["boundary"]
+            reduces = stage >= 2 or rec["boundary"]
             expected = rec["trainable_bytes"] if reduces else 0
             assert expected <= rec["grad_bytes"] <= expected + FIXED_OVERHEAD * reduces, (i, rec)
-            if stage and rec["boundary"]:  # updated trainable parameters are all-gathered, padded to alignment
+            if stage in (1, 2) and rec["boundary"]:  # updated trainable parameters are all-gathered, padded
                 assert rec["trainable_bytes"] <= rec["gather_bytes"] <= rec["trainable_bytes"] * 1.01 + 64, (i, rec)
         before = [rec["trainable_bytes"] for rec in r["records"]]
         assert before[0] > before[-1] and len(set(before)) == 3  # three trainable sets: full, after 1, after 3
@@ -145,6 +157,43 @@ def test_two_ranks(stage, bf16, tmp_path):
         if r["reference"] is not None:
             losses = torch.tensor([rec["loss"] for rec in r["records"]], dtype=torch.float64)
             torch.testing.assert_close(losses, torch.tensor(r["reference"], dtype=torch.float64), rtol=1e-5, atol=0)
+
+
+def zero3_gathers(rank: int, world: int, cache_dir: str | None) -> dict:
+    """ZeRO-3, blocks 0-1 frozen from the start; epoch 1 fills the cache (if any), epoch 2 is timed."""
+    from ds_autofreeze.cache import ActivationCache
+    from ds_autofreeze.comm_stats import CollectiveCounter
+    from ds_autofreeze.config import CacheConfig
+    engine = _engine(3, {"decider": {"name": "static", "num_frozen_blocks": 2}}, accum=1)
+    if cache_dir:
+        engine.attach_cache(ActivationCache(CacheConfig(enabled=True), cache_dir, 64, "d", writer=f"rank{rank}"))
+    data = batches(4, seed=rank + 1)
+    torch.manual_seed(123)
+    losses, epoch2 = [], []
+    for epoch in range(2):
+        for b, batch in enumerate(data):
+            with CollectiveCounter() as comm:
+                loss = engine(**batch, example_ids=torch.arange(4) + 4 * b + 16 * rank).loss
+                engine.backward(loss)
+                engine.step()
+            losses.append(loss.item())
+            if epoch:
+                epoch2.append({op: comm.bytes[op] for op in ("all_gather_into_tensor", "reduce_scatter_tensor")})
+    return {"losses": losses, "epoch2": epoch2, "trainable": _grad_bytes(engine), "frozen": _grad_bytes(engine, False)}
+
+
+def test_zero3_frozen_blocks_are_not_gathered_when_the_cache_serves_them(tmp_path):
+    plain = run_ranks(zero3_gathers, 2, None)
+    cached = run_ranks(zero3_gathers, 2, str(tmp_path))
+    for p, c in zip(plain, cached):
+        assert c["losses"] == p["losses"]  # the cached path is exact under ZeRO-3 too
+        for without, with_cache in zip(p["epoch2"], c["epoch2"]):
+            assert without["reduce_scatter_tensor"] == with_cache["reduce_scatter_tensor"] == c["trainable"]
+            # Without the cache the frozen blocks still run forward (gathered once per step, not
+            # released in between); with it they never run, and only trainable blocks are
+            # gathered (forward, and again for backward).
+            assert without["all_gather_into_tensor"] >= c["frozen"]
+            assert with_cache["all_gather_into_tensor"] <= 2 * c["trainable"] * 1.01 + 1024
 
 
 GRADNORM = {"total_steps": 100, "decider": {"name": "gradnorm", "num_intervals": 50}}  # decisions every 2 steps

@@ -55,7 +55,7 @@ def reference_losses(model, data, freeze_at: dict[int, int], lr=1e-3):
     return losses
 
 
-@pytest.mark.parametrize("stage", [0, 1, 2])
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_engine_loss_matches_plain_pytorch_reference(stage):
     engine, model, _ = make_engine(stage)
     reference_model = tiny_bert(seed=0)
@@ -68,17 +68,19 @@ def test_engine_loss_matches_plain_pytorch_reference(stage):
     assert losses != train(make_engine(stage, autofreeze=None)[0], data)
 
 
-@pytest.mark.parametrize("stage", [0, 1, 2])
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_engine_frozen_parameters_stay_bit_identical(stage):
     engine, model, _ = make_engine(stage, autofreeze={"total_steps": 30, "decider": {
         "name": "schedule", "schedule": [{"fraction": 0.1, "num_frozen_blocks": 2}]}})
     snapshots = {}
 
     def snap(step):
-        if step == 3:
+        if step == 4:  # ZeRO-3 gathers a frozen parameter at its first use after the freeze, then keeps it
             snapshots.update({n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad})
-    train(engine, batches(23), on_step=snap)  # 20 steps after the freeze at step 3
+    train(engine, batches(23), on_step=snap)  # 19 steps after the one following the freeze at step 3
     assert snapshots and any("embeddings" in n for n in snapshots) and any("layer.1." in n for n in snapshots)
+    params = dict(model.named_parameters())
+    assert all(v.numel() == getattr(params[n], "ds_numel", v.numel()) > 0 for n, v in snapshots.items())
     for name, before in snapshots.items():
         assert torch.equal(before, dict(model.named_parameters())[name]), name
     assert all("layer.2." not in n for n in snapshots)
@@ -86,7 +88,7 @@ def test_engine_frozen_parameters_stay_bit_identical(stage):
 
 def master_and_moment(engine, param):
     """The fp32 master copy and Adam exp_avg the optimizer keeps for a model parameter."""
-    if getattr(param, "_hp_mapping", None) is not None:  # ZeRO-1/2 flat partitions
+    if getattr(param, "_hp_mapping", None) is not None or hasattr(param, "ds_id"):  # ZeRO-1/2/3 flat partitions
         from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
         return safe_get_full_fp32_param(param), safe_get_full_optimizer_state(param, "exp_avg")
     inner, pairs = engine._master_pairs()
@@ -104,7 +106,7 @@ def optimizer_numel(engine):
 
 
 @pytest.mark.parametrize("bf16", [False, True])
-@pytest.mark.parametrize("stage", [0, 1, 2])
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_engine_optimizer_holds_only_trainable_and_carries_state(stage, bf16):
     extra = {"bf16": {"enabled": True}} if bf16 else {}
     model = tiny_bert(seed=0)
@@ -114,8 +116,9 @@ def test_engine_optimizer_holds_only_trainable_and_carries_state(stage, bf16):
     before = master_and_moment(engine, head)
     assert before[0].dtype == torch.float32 and before[1].abs().sum() > 0
     engine.freeze_and_repartition(3)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    assert trainable < sum(p.numel() for p in model.parameters()) // 2
+    numel = lambda p: getattr(p, "ds_numel", p.numel())  # noqa: E731 - ZeRO-3 holds partitions
+    trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
+    assert trainable < sum(numel(p) for p in model.parameters()) // 2
     # One rank: the optimizer holds masters and moments for exactly the trainable parameters.
     assert optimizer_numel(engine) == (trainable, trainable)
     after = master_and_moment(engine, head)
@@ -137,7 +140,7 @@ def test_engine_lr_schedule_continues_through_freeze():
     assert lrs["frozen"][4] != lrs["frozen"][15]
 
 
-@pytest.mark.parametrize("stage", [0, 2])
+@pytest.mark.parametrize("stage", [0, 2, 3])
 def test_engine_gradnorm_statistics_leave_training_untouched(stage):
     """The gradient hooks only read: the run equals the reference loop freezing at the steps it chose."""
     engine, model, _ = make_engine(stage, autofreeze={"decider": {"name": "gradnorm", "interval_steps": 3}})
@@ -192,13 +195,11 @@ def test_engine_checkpoint_resume_is_bit_identical(tmp_path):
         assert torch.equal(p, final[name]), name
 
 
-def test_engine_rejects_client_optimizer_and_zero3():
+def test_engine_rejects_client_optimizer():
     model = tiny_bert()
     with pytest.raises(ConfigError, match="optimizer"):
         ds_autofreeze.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
                                  config=ds_config(0, SCHEDULE))
-    with pytest.raises(ConfigError, match="stage 3"):
-        ds_autofreeze.initialize(model=tiny_bert(), config=ds_config(3, SCHEDULE))
 
 
 def test_engine_freeze_and_repartition_validates():

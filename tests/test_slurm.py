@@ -7,6 +7,7 @@ them); otherwise the tests skip and say why.
 """
 import json
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -26,10 +27,10 @@ def which(name: str) -> str | None:
     return shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin:/usr/local/sbin")
 
 
-def tail(path: str, n: int = 15) -> str:
+def tail(path: str, n: int | None = 15) -> str:
     try:
         with open(path, errors="replace") as f:
-            return "".join(f.readlines()[-n:])
+            return "".join(f.readlines()[-n:] if n else f.readlines())
     except OSError:
         return ""
 
@@ -55,9 +56,13 @@ class Cluster:
                               timeout=timeout)
 
     def logs(self) -> str:
-        names = ["slurmctld.log", *(f"slurmd.{n}.log" for n in NODES), "munged.log"]
-        names += sorted(n for n in os.listdir(self.path("log")) if n.endswith(".stderr"))
-        return "\n".join(f"--- {n}\n{tail(self.path('log', n))}" for n in names if tail(self.path("log", n)))
+        """The last lines each daemon logged (its log file, else what it printed)."""
+        parts = []
+        for name in self.procs:
+            text = tail(self.path("log", f"{name}.log")) or tail(self.path("log", f"{name}.stderr"))
+            if text:
+                parts.append(f"--- {name}\n{text}")
+        return "\n".join(parts)
 
     def why_down(self) -> str:
         dead = [f"{name} exited with {p.returncode}" for name, p in self.procs.items() if p.poll() is not None]
@@ -91,12 +96,14 @@ class Cluster:
                     proc.wait(timeout=15)
 
 
-def slurm_conf(c: Cluster, ctld_port: int, node_ports: list[int]) -> str:
+def slurm_conf(c: Cluster, ctld_port: int, node_ports: list[int], first_job_id: int) -> str:
     host = socket.gethostname().split(".")[0]
     nodes = "\n".join(f"NodeName={n} NodeHostname=localhost NodeAddr=127.0.0.1 Port={p} CPUs=1 State=UNKNOWN"
                       for n, p in zip(NODES, node_ports))
     return f"""\
 ClusterName=dsaf
+# launch/finetune.py derives MASTER_PORT from the job id: a parallel run's cluster numbers its own.
+FirstJobId={first_job_id}
 SlurmctldHost={host}(127.0.0.1)
 SlurmctldPort={ctld_port}
 SlurmUser=root
@@ -120,8 +127,8 @@ SchedulerType=sched/builtin
 MpiDefault=none
 MailProg=/bin/true
 ReturnToService=2
-# sbatch --wait polls every 2 s only while MinJobAge / 3 > 2 s (else 2, 8, 32 s...)
-MinJobAge=6
+# sbatch --wait polls every 2 s only while MinJobAge / 2 <= 2 s (else 2, 8, 32 s ...)
+MinJobAge=5
 SlurmdParameters=config_overrides
 {nodes}
 PartitionName=debug Nodes={",".join(NODES)} Default=YES MaxTime=INFINITE State=UP
@@ -159,7 +166,7 @@ def slurm():
             ports.add(free_port())
         ctld_port, *node_ports = sorted(ports)
         with open(c.conf, "w") as f:
-            f.write(slurm_conf(c, ctld_port, node_ports))
+            f.write(slurm_conf(c, ctld_port, node_ports, random.randrange(1000, 10 ** 6)))
         c.start("slurmctld", [which("slurmctld"), "-D", "-c", "-f", c.conf])
         for n in NODES:
             c.start(f"slurmd.{n}", [which("slurmd"), "-D", "-N", n, "-f", c.conf])
@@ -187,7 +194,8 @@ def sbatch(c: Cluster, workdir, args: list[str], nodes: int = 2, timeout: float 
     proc = subprocess.run([which("sbatch"), "--wait", "-N", str(nodes), "--parsable", SBATCH, *args],
                           env=job_env, cwd=workdir, capture_output=True, text=True, timeout=timeout)
     job_id = proc.stdout.strip().split(";")[0]
-    output = tail(os.path.join(workdir, f"ds_autofreeze-{job_id}.out"), 10 ** 6)
+    assert "no longer found" not in proc.stderr, proc.stderr  # sbatch --wait missed the end: exit code unknown
+    output = tail(os.path.join(workdir, f"ds_autofreeze-{job_id}.out"), n=None)
     return proc, output
 
 
@@ -209,7 +217,7 @@ def test_sbatch_trains_on_two_nodes(slurm, tmp_path, tiny_model_dir, data_files)
     assert proc.returncode == 0, f"{proc.stderr}\n{output[-4000:]}\n{slurm.logs()}"
     results = json.loads((out / "all_results.json").read_text())
     assert results["world_size"] == 2 and results["train_steps"] == 12  # 96 / (8 x 2 ranks) x 2 epochs
-    assert "summary:" in output and output.count("summary:") == 1  # rank 0 only
+    assert output.count("summary:") == 1  # rank 0 only
     traces = read_traces(out)
     assert sorted(traces) == ["world2_rank0.jsonl", "world2_rank1.jsonl"]
     for lines in traces.values():
@@ -230,6 +238,7 @@ def test_sbatch_repacks_two_workers_to_one(slurm, tmp_path, tiny_model_dir, data
                                                       write_config(tmp_path / "pack.json", af), out))
     assert proc.returncode == 0, f"{proc.stderr}\n{output[-4000:]}\n{slurm.logs()}"
     assert "[packing] step 8: 2 -> 1 worker(s)" in output
+    assert "[slurm] released 1 node(s): the job now holds n1" in output
     assert "[slurm] re-pack: next step on 1 task(s), 1 node(s)" in output
     results = json.loads((out / "all_results.json").read_text())
     assert results["world_size"] == 1 and results["train_steps"] == 12
@@ -243,6 +252,41 @@ def test_sbatch_repacks_two_workers_to_one(slurm, tmp_path, tiny_model_dir, data
         seen = [i for t in trained if t["epoch"] == epoch for i in t["ids"]]
         assert len(seen) == len(set(seen)) == 96, epoch
     assert not list(tmp_path.glob(".ds_autofreeze-repack-*.json"))  # the request was consumed
+
+
+FAKE_FINETUNE = """\
+import json, os, sys, time
+rank, world = int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_NTASKS"])
+print(f"rank {rank}/{world} on {os.environ['SLURMD_NODENAME']}: {json.dumps(sys.argv[1:])}", flush=True)
+request = {"shrink": {"workers": 1, "args": ["grow", "a b", "it's \\"q\\"", "", "--x=1 2"]},
+           "grow": {"workers": 2, "args": ["never"]}}[sys.argv[1]]
+if rank == 0:
+    with open(os.environ["DS_AUTOFREEZE_REPACK_FILE"] + ".tmp", "w") as f:
+        json.dump(request, f)
+    os.replace(os.environ["DS_AUTOFREEZE_REPACK_FILE"] + ".tmp", os.environ["DS_AUTOFREEZE_REPACK_FILE"])
+    time.sleep(0 if world == 1 else 30)  # ended by rank 1's exit (srun --kill-on-bad-exit=1)
+else:
+    time.sleep(1)
+sys.exit(75)
+"""
+
+
+def test_sbatch_repack_loop_passes_arguments_and_releases_nodes(slurm, tmp_path):
+    """The loop alone (a stand-in for launch/finetune.py): a request survives srun's 143 (the last task
+    terminated by --kill-on-bad-exit), its arguments arrive verbatim, the second node is given back,
+    and a request for more nodes than the job still holds fails with a message."""
+    fake = tmp_path / "fake"
+    (fake / "launch").mkdir(parents=True)
+    (fake / "launch" / "finetune.py").write_text(FAKE_FINETUNE)
+    proc, output = sbatch(slurm, tmp_path, ["shrink"], DS_AUTOFREEZE_ROOT=str(fake))
+    assert proc.returncode == 1, output
+    assert 'rank 0/2 on n1: ["shrink"]' in output and 'rank 1/2 on n2: ["shrink"]' in output
+    assert "[slurm] srun exited with 143 after the re-pack request; continuing" in output
+    assert "[slurm] released 1 node(s): the job now holds n1" in output
+    assert 'rank 0/1 on n1: ["grow", "a b", "it\'s \\"q\\"", "", "--x=1 2"]' in output
+    assert ("error: the re-packed run needs 2 task(s) on 2 node(s), the job holds 1 node(s) of 1 task(s) "
+            "(it released 1; DS_AUTOFREEZE_RELEASE_NODES=0 keeps them)") in output
+    assert "never" not in output
 
 
 def test_sbatch_without_the_repository_says_where_it_looked(slurm, tmp_path):
