@@ -4,7 +4,7 @@ repartition time and step time, as blocks freeze.
     python bench/engine.py              # MiniLM-L6 on 2 ranks for ZeRO 0/1/2, BERT-base (random) repartition
     python bench/engine.py --steps 2    # a quicker look
 
-Part 1 runs each ZeRO stage under the real ``deepspeed`` launcher (2 CPU ranks, gloo) on the
+Part 1 runs each ZeRO stage (0-3) under the real ``deepspeed`` launcher (2 CPU ranks, gloo) on the
 packaged MiniLM-L6 and moves the frozen boundary 0 -> 2 -> 4 of 6 blocks by hand; at each
 boundary it times ``--steps`` training steps and counts, with ``CollectiveCounter``, the bytes
 handed to gradient-reduction collectives and to the parameter all-gather. Part 2 times one
@@ -82,8 +82,9 @@ def worker(args: argparse.Namespace) -> None:
             if i:
                 step_seconds.append(time.perf_counter() - start)
         memory.update({k: v for k, v in engine.training_state_bytes().items() if k != "gradients"})
-        rows.append({"frozen_blocks": boundary, "trainable_params": sum(p.numel() for p in trainable),
-                     "trainable_grad_bytes": sum(p.numel() * p.element_size() for p in trainable),
+        numel = [getattr(p, "ds_numel", p.numel()) for p in trainable]  # ZeRO-3 holds partitions
+        rows.append({"frozen_blocks": boundary, "trainable_params": sum(numel),
+                     "trainable_grad_bytes": sum(n * p.element_size() for n, p in zip(numel, trainable)),
                      "grad_collective_bytes": sum(comm.bytes[op] for op in GRAD_OPS),
                      "param_allgather_bytes": comm.bytes["all_gather_into_tensor"],
                      "collective_calls": dict(comm.calls), "memory": memory,
@@ -111,7 +112,7 @@ def repartition_time(model_fn, stage: int, seq: int) -> dict:
 
 def part1(args: argparse.Namespace) -> dict:
     results = {}
-    for stage in (0, 1, 2):
+    for stage in (0, 1, 2, 3):
         with tempfile.NamedTemporaryFile(suffix=".json") as out:
             cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(29700 + stage), os.path.abspath(__file__),
                    "--worker", "--stage", str(stage), "--steps", str(args.steps), "--micro", str(args.micro),

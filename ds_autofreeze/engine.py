@@ -10,10 +10,10 @@ Flipping ``requires_grad`` alone is not enough: ZeRO keeps moving frozen paramet
 weight decay) and keeps their flat fp32 partitions alive. Rebuilding through the engine's own
 ``_configure_optimizer`` keeps every ZeRO invariant DeepSpeed relies on.
 
-ZeRO-3 also partitions the weights. Frozen ones are marked persistent, so within a step they are
-gathered once (not again per use); with the activation cache their blocks (and the embeddings)
-never run, so they are not gathered at all. DeepSpeed still re-partitions every parameter at
-each optimizer step, so without the cache a frozen weight is gathered once per step.
+ZeRO-3 also partitions the weights. With the activation cache the frozen blocks (and the
+embeddings) never run, so their weights are never all-gathered. Without it they are gathered for
+the forward pass every step: DeepSpeed re-partitions every weight at each optimizer step (marking
+them persistent, ``ds_persist``, was measured to change nothing).
 """
 from __future__ import annotations
 
@@ -114,7 +114,8 @@ class AutoFreezeEngine(DeepSpeedEngine):
         moments = [v for state in inner.state.values() for v in state.values()]
         grads = [p.grad for p in self.module.parameters()] + [f.grad for f in flats]
         grads += [g for group in getattr(opt, "averaged_gradients", {}).values() for g in (group or [])]
-        grads += [getattr(opt, "grads_in_partition", None)] + list(getattr(opt, "ipg_buffer", None) or [])
+        grads += [getattr(opt, "grads_in_partition", None), getattr(opt, "grad_partitions_flat_buffer", None)]
+        grads += list(getattr(opt, "ipg_buffer", None) or [])
         return {"master_weights": size(masters), "optimizer_moments": size(moments), "gradients": size(grads)}
 
     def train(self, mode: bool = True) -> "AutoFreezeEngine":
@@ -207,12 +208,6 @@ class AutoFreezeEngine(DeepSpeedEngine):
             self.lr_scheduler.optimizer = get_torch_optimizer(self.optimizer)
         if self._support_torch_style_backward:
             self.optimizer.register_grad_acc_post_hook(self._backward_post_hook)
-        if self.zero_optimization_partition_weights():
-            # ZeRO-3: a frozen parameter is gathered at its next use and then kept (never released),
-            # instead of all-gathered every step; with the cache its block never runs at all.
-            for m in self.adapter.frozen_modules(num_frozen_blocks):
-                for p in m.parameters():
-                    p.ds_persist = True
         if self.decider is not None:
             self._rebuild_grad_accumulator()
         if self.cache is not None:

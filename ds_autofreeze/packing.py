@@ -235,12 +235,12 @@ class Repacker:
 
     def __init__(self, config: "PackingConfig", model: torch.nn.Module, adapter: "ModelAdapter", global_batch: int,
                  seq_len: int, world: int, cached_prefix: bool, started_world: Optional[int] = None,
-                 bandwidth: Optional[float] = None):
+                 bandwidth: Optional[float] = None, profile_batch: Optional[dict] = None):
         self.config = config
         self.mode = config.mode.value
         self.started_world = started_world or world
         self.bandwidth = bandwidth if bandwidth is not None else measure_allreduce_bandwidth(world)
-        self.work = workload_of(model, adapter, global_batch, seq_len, cached_prefix)
+        self.work = workload_of(model, adapter, global_batch, seq_len, cached_prefix, profile_batch)
         self._step_seconds: list[float] = []
 
     def cluster(self, world: int) -> Cluster:
@@ -302,11 +302,32 @@ def measure_allreduce_bandwidth(world: int, nbytes: int = 16 * 2 ** 20) -> Optio
     return 2 * (world - 1) * nbytes / world / float(seconds)
 
 
+def profile_forward(model: torch.nn.Module, adapter: "ModelAdapter", batch: dict) -> tuple[list[float], float]:
+    """(forward seconds per example of each block, of everything else), timed on one batch."""
+    import time
+    spent, started, handles = [0.0] * adapter.num_blocks, {}, []
+    for i, block in enumerate(adapter.blocks):
+        handles.append(block.register_forward_pre_hook(lambda m, a, i=i: started.__setitem__(i, time.perf_counter())))
+        handles.append(block.register_forward_hook(
+            lambda m, a, o, i=i: spent.__setitem__(i, spent[i] + time.perf_counter() - started[i])))
+    try:
+        start = time.perf_counter()
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):  # the training's dropout stream is untouched
+            model(**batch)
+        total = time.perf_counter() - start
+    finally:
+        for h in handles:
+            h.remove()
+    n = len(next(iter(batch.values())))
+    return [t / n for t in spent], max(total - sum(spent), 0.0) / n
+
+
 def workload_of(model: torch.nn.Module, adapter: "ModelAdapter", global_batch: int, seq_len: int,
-                cached_prefix: bool) -> Workload:
-    """The cost model's view of a Hugging Face model: identical blocks (per the adapter), the
-    embeddings freezing with block 0, activations from hidden size, heads and sequence length.
-    Times are placeholders until ``calibrate`` fits them to measured steps."""
+                cached_prefix: bool, profile_batch: Optional[dict] = None) -> Workload:
+    """The cost model's view of a Hugging Face model: blocks per the adapter, the embeddings
+    freezing with block 0, activations from hidden size, heads and sequence length. Forward times
+    per block are measured on ``profile_batch`` when given (else split in proportion to block
+    parameters); ``calibrate`` then scales them to the measured training steps."""
     config = model.config
     hidden = next(getattr(config, n) for n in ("hidden_size", "n_embd", "d_model", "dim") if hasattr(config, n))
     heads = next(getattr(config, n) for n in ("num_attention_heads", "n_head", "n_heads") if hasattr(config, n))
@@ -314,8 +335,12 @@ def workload_of(model: torch.nn.Module, adapter: "ModelAdapter", global_batch: i
     frozen_prefix = sum(p.numel() for m in adapter.frozen_modules(1) for p in m.parameters())
     total = sum(p.numel() for p in model.parameters())
     element = next(model.parameters()).element_size()
-    return uniform_blocks(global_batch, adapter.num_blocks, blocks[-1], frozen_prefix - blocks[0],
-                           total - frozen_prefix - sum(blocks[1:]), example_seconds=1.0,
-                           activation_bytes=transformer_activation_bytes(seq_len, hidden, heads, element),
-                           grad_bytes_per_param=element, weight_bytes_per_param=element,
-                           state_bytes_per_param=12 if element == 4 else 16, cached_prefix=cached_prefix)
+    work = uniform_blocks(global_batch, adapter.num_blocks, blocks[-1], frozen_prefix - blocks[0],
+                          total - frozen_prefix - sum(blocks[1:]), example_seconds=1.0,
+                          activation_bytes=transformer_activation_bytes(seq_len, hidden, heads, element),
+                          grad_bytes_per_param=element, weight_bytes_per_param=element,
+                          state_bytes_per_param=12 if element == 4 else 16, cached_prefix=cached_prefix)
+    if profile_batch is None:
+        return work
+    per_block, rest = profile_forward(model, adapter, profile_batch)
+    return replace(work, block_forward_seconds=tuple(per_block), head_forward_seconds=rest)

@@ -296,8 +296,11 @@ def main(argv: list[str] | None = None) -> dict:
         if engine.zero_optimization_partition_weights():
             raise ConfigError("autofreeze.packing: re-packing moves ZeRO-1/2 optimizer state between world sizes; "
                               "ZeRO-3 checkpoints do not reshard (use zero_optimization.stage 1 or 2, or mode 'off')")
+        # Per-block forward times are measured on one micro-batch.
+        sample = {k: v.to(engine.device) for k, v in train_set.batch(list(range(micro))).items()}
         repacker = Repacker(autofreeze.packing, model, engine.adapter, per_rank * world, args.max_seq_length, world,
-                            cached_prefix=engine.cache is not None, started_world=state["launch_world"])
+                            cached_prefix=engine.cache is not None, started_world=state["launch_world"],
+                            profile_batch=sample)
     is_main = engine.global_rank == 0
     say = (lambda *a: print(*a, flush=True)) if is_main else (lambda *a: None)
     say(f"model {model_path} ({engine.num_blocks} blocks, {sum(p.numel() for p in model.parameters()):,} params), "

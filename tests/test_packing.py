@@ -114,3 +114,20 @@ def test_packing_config_is_validated():
         get_autofreeze_config({"autofreeze": {"packing": {"mode": "fastest"}}})
     with pytest.raises(ConfigError, match="autofreeze.packing.worker_price_per_hour"):
         get_autofreeze_config({"autofreeze": {"packing": {"worker_price_per_hour": 0}}})
+
+
+def test_forward_profile_times_every_block_and_leaves_the_rng_alone():
+    import torch
+    from ds_autofreeze.model_adapter import ModelAdapter
+    from ds_autofreeze.packing import profile_forward, workload_of
+    from conftest import batches, tiny_bert
+    model = tiny_bert(num_layers=3)
+    adapter = ModelAdapter(model)
+    batch = {k: v for k, v in batches(1)[0].items() if k != "labels"}
+    state = torch.get_rng_state()
+    per_block, rest = profile_forward(model.train(), adapter, batch)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert len(per_block) == 3 and all(t > 0 for t in per_block) and rest >= 0
+    work = workload_of(model, adapter, 16, 12, cached_prefix=False, profile_batch=batch)
+    assert work.num_blocks == 3 and all(t > 0 for t in work.block_forward_seconds)
+    assert work.block_params[0] > work.block_params[1]  # block 0 carries the embeddings
