@@ -12,7 +12,6 @@ bench/results/repack.json.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -21,20 +20,13 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
-from compare import run_one  # noqa: E402
+from compare import bench_parser, run_one  # noqa: E402
 
 CONFIG = os.path.join(ROOT, "configs", "autofreeze_packing.json")
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--max_train_samples", type=int, default=4000)
-    p.add_argument("--max_eval_samples", type=int, default=5000)
-    p.add_argument("--max_seq_length", type=int, default=128)
-    p.add_argument("--num_train_epochs", type=int, default=3)
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "repack"))
-    args = p.parse_args()
+    args = bench_parser(__doc__, "repack").parse_args()
     with open(CONFIG) as f:
         base = json.load(f)
     results = {}

@@ -224,7 +224,7 @@ class AutoFreezeEngine(DeepSpeedEngine):
         if norms is not None and dist.is_initialized() and dist.get_world_size() > 1:
             # Rank 0's decision is the one applied everywhere, so ranks can never diverge even if
             # float reductions differed. Deciders without statistics decide from the step alone.
-            decided = torch.tensor([new], dtype=torch.long)
+            decided = torch.tensor([new], dtype=torch.long, device=self.device)
             dist.broadcast(decided, src=0)
             new = int(decided.item())
         if new > self.num_frozen_blocks:
@@ -384,7 +384,8 @@ class AutoFreezeEngine(DeepSpeedEngine):
         starts from the saved ranks' mean: the decision averages over ranks, so it is unchanged."""
         world = dist.get_world_size() if dist.is_initialized() else 1
         ranks = [self.global_rank] if saved_world == world else range(saved_world)
-        sums = [torch.load(os.path.join(tag_dir, GRAD_ACC_FILE.format(rank=r)), weights_only=True) for r in ranks]
+        sums = [torch.load(os.path.join(tag_dir, GRAD_ACC_FILE.format(rank=r)), map_location="cpu", weights_only=True)
+                for r in ranks]
         return torch.stack(sums).mean(0) if len(sums) > 1 else sums[0]
 
     def _load_zero_checkpoint(self, load_dir: str, tag: str, load_optimizer_states: bool = True) -> bool:

@@ -265,15 +265,14 @@ class Repacker:
         from deepspeed import comm as dist
         measured = self._step_seconds[1:] or self._step_seconds  # the first step after a move warms up
         self._step_seconds = []
-        decision = torch.zeros(3, dtype=torch.long)
+        decision = torch.zeros(3, dtype=torch.long, device=_device())  # NCCL moves device tensors only
         if dist.get_rank() == 0 and measured:
             cluster = self.cluster(world)
             self.work = calibrate(self.work, cluster, old_frozen, world, micro, accumulation,
                                   sorted(measured)[len(measured) // 2])
             left = None if self.config.deadline_seconds is None else self.config.deadline_seconds - seconds_spent
             plan = choose_plan(self.mode, self.work, cluster, new_frozen, steps_left, world, left)
-            decision = torch.tensor([plan.workers, plan.micro_batch, plan.accumulation])
-            self.last_plan = plan
+            decision = torch.tensor([plan.workers, plan.micro_batch, plan.accumulation], device=decision.device)
         if dist.get_world_size() > 1:
             dist.broadcast(decision, src=0)
         workers, micro_new, accumulation_new = (int(x) for x in decision)
@@ -292,12 +291,15 @@ def measure_allreduce_bandwidth(world: int, nbytes: int = 16 * 2 ** 20) -> Optio
         return None
     import time
     from deepspeed import comm as dist
-    buffer = torch.zeros(nbytes // 4, dtype=torch.float32)
+    from deepspeed.accelerator import get_accelerator
+    buffer = torch.zeros(nbytes // 4, dtype=torch.float32, device=_device())
     dist.all_reduce(buffer)  # connect and warm up
+    get_accelerator().synchronize()
     start = time.perf_counter()
     for _ in range(3):
         dist.all_reduce(buffer)
-    seconds = torch.tensor([(time.perf_counter() - start) / 3])
+    get_accelerator().synchronize()
+    seconds = torch.tensor([(time.perf_counter() - start) / 3], device=buffer.device)
     dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
     return 2 * (world - 1) * nbytes / world / float(seconds)
 
@@ -320,6 +322,11 @@ def profile_forward(model: torch.nn.Module, adapter: "ModelAdapter", batch: dict
             h.remove()
     n = len(next(iter(batch.values())))
     return [t / n for t in spent], max(total - sum(spent), 0.0) / n
+
+
+def _device() -> torch.device:
+    from deepspeed.accelerator import get_accelerator
+    return torch.device(get_accelerator().current_device_name())
 
 
 def workload_of(model: torch.nn.Module, adapter: "ModelAdapter", global_batch: int, seq_len: int,

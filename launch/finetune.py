@@ -219,12 +219,12 @@ def stamp_freezes(engine, train_time: float) -> None:
 @torch.no_grad()
 def evaluate(engine, loader: DataLoader) -> float:
     engine.eval()
-    correct = torch.zeros(2, dtype=torch.float64)
+    correct = torch.zeros(2, dtype=torch.float64, device=engine.device)  # NCCL reduces device tensors only
     for batch in loader:
         batch = {k: v.to(engine.device) for k, v in batch.items() if k != "example_id"}
         logits = engine(**batch).logits
         correct += torch.tensor([(logits.argmax(-1) == batch["labels"]).sum().item(), len(batch["labels"])],
-                                dtype=torch.float64)
+                                dtype=torch.float64, device=engine.device)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(correct)
     engine.train()
@@ -318,7 +318,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     def save(tag: str, **position) -> str:
         """A checkpoint the loop can continue from: engine state, then the loop's position."""
-        state.update(position, train_time=round(state["train_time"], 3), freeze_events=engine.freeze_events)
+        state.update(position)
         tag_dir = os.path.join(ckpt_dir, tag)
         if is_main:
             os.makedirs(tag_dir, exist_ok=True)
