@@ -296,6 +296,9 @@ def main(argv: list[str] | None = None) -> dict:
         if engine.zero_optimization_partition_weights():
             raise ConfigError("autofreeze.packing: re-packing moves ZeRO-1/2 optimizer state between world sizes; "
                               "ZeRO-3 checkpoints do not reshard (use zero_optimization.stage 1 or 2, or mode 'off')")
+        if "SLURM_STEP_ID" in os.environ and "DS_AUTOFREEZE_REPACK_FILE" not in os.environ:
+            raise ConfigError("autofreeze.packing under srun needs launch/slurm/finetune.sbatch, which relaunches "
+                              "the re-packed run (or set packing.mode 'off')")
         # Per-block forward times are measured on one micro-batch.
         sample = {k: v.to(engine.device) for k, v in train_set.batch(list(range(micro))).items()}
         repacker = Repacker(autofreeze.packing, model, engine.adapter, per_rank * world, args.max_seq_length, world,
@@ -375,7 +378,7 @@ def main(argv: list[str] | None = None) -> dict:
                            epoch_layout=list(layout))
             if trace is not None:
                 trace.close()
-            relaunch(args, argv, config_path, config, plan, tag_dir, is_main)
+            relaunch(argv, config, plan, tag_dir, is_main)
         bar.close()
         spent = time.perf_counter() - epoch_start
         state["train_time"], state["worker_seconds"] = state["train_time"] + spent, state["worker_seconds"] + world * spent
@@ -448,8 +451,7 @@ def open_trace(args: argparse.Namespace, world: int, rank: int):
     return open(os.path.join(trace_dir, f"world{world}_rank{rank}.jsonl"), "a", buffering=1)
 
 
-def relaunch(args: argparse.Namespace, argv: list[str], config_path: str, config: dict, plan, tag_dir: str,
-             is_main: bool) -> None:
+def relaunch(argv: list[str], config: dict, plan, tag_dir: str, is_main: bool) -> None:
     """Continue the run from ``tag_dir`` on ``plan.workers`` workers; never returns.
 
     On one node rank 0 replaces itself with a new ``deepspeed`` launcher (the old launcher just
