@@ -344,7 +344,7 @@ class AutoFreezeEngine(DeepSpeedEngine):
             self.cache.flush()  # the manifest recorded below must describe what is on disk
         # Our state goes in before DeepSpeed writes 'latest', so a 'latest' tag is always complete.
         if self.global_rank == 0:
-            _atomic_write(os.path.join(tag_dir, STATE_FILE), json.dumps(self.autofreeze_state_dict(), indent=1))
+            write_json(os.path.join(tag_dir, STATE_FILE), self.autofreeze_state_dict())
         if self._grad_acc is not None:
             path = os.path.join(tag_dir, GRAD_ACC_FILE.format(rank=self.global_rank))
             torch.save(self._grad_acc, path + ".tmp")
@@ -460,9 +460,10 @@ def _trainable_groups(groups: list[dict]) -> tuple[list[dict], list[int]]:
     return kept, origins
 
 
-def _atomic_write(path: str, text: str) -> None:
+def write_json(path: str, obj: Any) -> None:
+    """``obj`` as JSON at ``path``, durably: a reader sees the old file or the whole new one."""
     with open(path + ".tmp", "w") as f:
-        f.write(text)
+        json.dump(obj, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
     os.replace(path + ".tmp", path)

@@ -19,7 +19,6 @@ import os
 import random
 import sys
 import time
-from typing import Any
 
 # Quiet, offline: nothing is downloaded at run time.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -39,7 +38,7 @@ from ds_autofreeze.config import AUTOFREEZE, ConfigError, get_autofreeze_config 
 from ds_autofreeze.cache import ActivationCache  # noqa: E402
 from ds_autofreeze.data import (DataError, TokenizedDataset, epoch_steps, imdb_split, rank_share,  # noqa: E402
                                 read_rows, select_examples)
-from ds_autofreeze.engine import STATE_FILE  # noqa: E402
+from ds_autofreeze.engine import STATE_FILE, write_json  # noqa: E402
 from ds_autofreeze.model_adapter import UnsupportedModelError  # noqa: E402
 from ds_autofreeze.packing import Repacker  # noqa: E402
 
@@ -429,12 +428,6 @@ def main(argv: list[str] | None = None) -> dict:
         say("\n".join(["summary:", *lines, f"  {'freeze_events':<20} {events}",
                        f"  results written to {os.path.join(args.output_dir, 'all_results.json')}"]))
     return results
-
-
-def write_json(path: str, obj: Any) -> None:
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(path + ".tmp", path)
 
 
 def read_launch_state(tag_dir: str) -> dict:
