@@ -1,7 +1,16 @@
-"""Splits a Hugging Face model into embeddings, an ordered list of blocks, and a head.
+"""Splits a Hugging Face model into embeddings, an ordered list of blocks, and the rest.
 
 The freezing unit is a block; block 0 takes the embeddings with it. Everything that is neither
-embeddings nor a block (pooler, final norm, classifier) is the head and is never frozen.
+embeddings nor a block (pooler, final norm, task head) is never frozen. Layouts are written
+relative to the base model (``model.base_model``), so every task head of a family (sequence
+classification, question answering, multiple choice, conditional generation) shares one.
+
+Encoder-decoder models (BART, T5): the blocks are the encoder's, in order; the decoder is never
+frozen. The decoder cross-attends to the encoder's final output in every block, so no decoder
+block has a fixed input while any encoder block trains, and it produces the output the task is
+scored on; the encoder is the front of the data flow the freezing rule is about. Freezing block 0
+also freezes the shared token embedding, which the decoder (and a tied LM head) use too, as Hugging
+Face's ``--freeze_embeds`` does: the frozen prefix's output must be a pure function of the input.
 
 Running "from block k" reuses the model's own forward, so masks, position handling and the
 head stay exactly Hugging Face's: the block list is swapped for its suffix ``blocks[k:]`` for
@@ -21,21 +30,37 @@ from torch import nn
 
 @dataclass(frozen=True)
 class _Layout:
-    embeddings: tuple[str, ...]  # module paths, frozen together with block 0
+    embeddings: tuple[str, ...]  # module paths frozen with block 0 and skipped when running from a block
     blocks: str  # path of the nn.ModuleList of blocks, in execution order
+    # Dropout applied to the embeddings outside the embedding modules: turned off when block 0
+    # freezes (an nn.Module is put in eval mode, a float attribute set to 0.0) so the frozen
+    # prefix is deterministic.
+    embedding_dropout: tuple[str, ...] = ()
+    # T5: block 0's self-attention computes the relative position bias the later blocks reuse;
+    # a run starting past block 0 must be handed it.
+    position_bias: Optional[str] = None
 
 
-# model_type -> where its parts live, for the *ForSequenceClassification classes.
+# model_type -> where its parts live, relative to model.base_model.
 _LAYOUTS: dict[str, _Layout] = {
-    "bert": _Layout(("bert.embeddings",), "bert.encoder.layer"),
-    "roberta": _Layout(("roberta.embeddings",), "roberta.encoder.layer"),
-    "xlm-roberta": _Layout(("roberta.embeddings",), "roberta.encoder.layer"),
-    "electra": _Layout(("electra.embeddings", "electra.embeddings_project"), "electra.encoder.layer"),
-    "distilbert": _Layout(("distilbert.embeddings",), "distilbert.transformer.layer"),
-    "gpt2": _Layout(("transformer.wte", "transformer.wpe"), "transformer.h"),
-    "llama": _Layout(("model.embed_tokens",), "model.layers"),
-    "mistral": _Layout(("model.embed_tokens",), "model.layers"),
-    "qwen2": _Layout(("model.embed_tokens",), "model.layers"),
+    "bert": _Layout(("embeddings",), "encoder.layer"),
+    "roberta": _Layout(("embeddings",), "encoder.layer"),
+    "xlm-roberta": _Layout(("embeddings",), "encoder.layer"),
+    "electra": _Layout(("embeddings", "embeddings_project"), "encoder.layer"),
+    "distilbert": _Layout(("embeddings",), "transformer.layer"),
+    "gpt2": _Layout(("wte", "wpe"), "h", embedding_dropout=("drop",)),
+    "llama": _Layout(("embed_tokens",), "layers"),
+    "mistral": _Layout(("embed_tokens",), "layers"),
+    "qwen2": _Layout(("embed_tokens",), "layers"),
+    # BartEncoder applies its embedding dropout functionally, with the float ``encoder.dropout``.
+    "bart": _Layout(("encoder.embed_tokens", "encoder.embed_positions", "encoder.layernorm_embedding"),
+                    "encoder.layers", embedding_dropout=("encoder.dropout",)),
+    # T5Stack's one dropout module also follows the encoder's final norm: turning it off for the
+    # frozen embeddings turns that one off too (documented in docs/tasks.md).
+    "t5": _Layout(("encoder.embed_tokens",), "encoder.block", embedding_dropout=("encoder.dropout",),
+                  position_bias="layer.0.SelfAttention"),
+    "mt5": _Layout(("encoder.embed_tokens",), "encoder.block", embedding_dropout=("encoder.dropout",),
+                   position_bias="layer.0.SelfAttention"),
 }
 # MiniLM checkpoints (e.g. all-MiniLM-L6-v2) are model_type "bert".
 SUPPORTED_MODEL_TYPES = tuple(sorted(_LAYOUTS))
@@ -46,6 +71,9 @@ class UnsupportedModelError(ValueError):
 
 
 def _get(root: nn.Module, path: str) -> Optional[nn.Module]:
+    """The submodule (or attribute) at dotted ``path`` under root; root itself for ""."""
+    if not path:
+        return root
     module = root
     for name in path.split("."):
         module = getattr(module, name, None)
@@ -55,7 +83,7 @@ def _get(root: nn.Module, path: str) -> Optional[nn.Module]:
 
 
 class ModelAdapter:
-    """Block view of a Hugging Face sequence-classification model.
+    """Block view of a Hugging Face model (any task head of a supported family).
 
     ``set_frozen(k)`` freezes embeddings + blocks[:k] (requires_grad off, eval mode: no dropout,
     so a frozen block's output is a pure function of its input and can be cached).
@@ -68,15 +96,16 @@ class ModelAdapter:
             raise UnsupportedModelError(
                 f"model type {model_type!r} ({type(model).__name__}) is not supported; "
                 f"supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}")
-        blocks = _get(model, layout.blocks)
+        self.base = getattr(model, "base_model", model)
+        blocks = _get(self.base, layout.blocks)
         if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
             raise UnsupportedModelError(
-                f"{type(model).__name__}: expected a block list at '{layout.blocks}'; only the "
-                f"*ForSequenceClassification classes of {', '.join(SUPPORTED_MODEL_TYPES)} are supported")
+                f"{type(model).__name__}: expected a block list at '{layout.blocks}' of its base model "
+                f"({type(self.base).__name__}); supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}")
         self.model = model
         self._layout = layout
         self.blocks: list[nn.Module] = list(blocks)
-        self.embeddings: list[nn.Module] = [m for m in (_get(model, p) for p in layout.embeddings) if m is not None]
+        self.embeddings: list[nn.Module] = [m for m in (_get(self.base, p) for p in layout.embeddings) if m is not None]
         self.num_frozen = 0
 
     @property
@@ -100,12 +129,19 @@ class ModelAdapter:
                 p.requires_grad_(False)
                 p.grad = None
             module.eval()
+        if num_frozen > 0:
+            for path in self._layout.embedding_dropout:
+                owner_path, _, name = path.rpartition(".")
+                owner = _get(self.base, owner_path)
+                if isinstance(getattr(owner, name), nn.Module):
+                    getattr(owner, name).eval()
+                else:
+                    setattr(owner, name, 0.0)
         self.num_frozen = num_frozen
 
     def restore_frozen_eval(self) -> None:
         """Re-apply eval mode to the frozen prefix after a ``model.train()``."""
-        for module in self.frozen_modules(self.num_frozen):
-            module.eval()
+        self.set_frozen(self.num_frozen)
 
     @contextlib.contextmanager
     def run_from(self, start_block: int, hidden_states: torch.Tensor) -> Iterator[None]:
@@ -115,10 +151,15 @@ class ModelAdapter:
         if not 0 < start_block < self.num_blocks:
             raise ValueError(f"start_block={start_block} outside [1, {self.num_blocks - 1}]")
         parent_path, _, attr = self._layout.blocks.rpartition(".")
-        parent = _get(self.model, parent_path)
+        parent = _get(self.base, parent_path)
         full = getattr(parent, attr)
+        bias_owner = _get(self.blocks[0], self._layout.position_bias) if self._layout.position_bias else None
 
         def substitute(_module, args, kwargs):
+            if bias_owner is not None and len(args) > 2 and args[2] is None:
+                # What block 0 would have passed on (T5Block's third positional argument).
+                length = hidden_states.shape[1]
+                args = (*args[:2], bias_owner.compute_bias(length, length, device=hidden_states.device), *args[3:])
             if args:
                 return (hidden_states, *args[1:]), kwargs
             return args, {**kwargs, "hidden_states": hidden_states}
@@ -129,7 +170,7 @@ class ModelAdapter:
         swaps = [(parent, attr, full, nn.ModuleList(self.blocks[start_block:]))]
         for path in self._layout.embeddings:
             owner_path, _, name = path.rpartition(".")
-            owner = _get(self.model, owner_path)
+            owner = _get(self.base, owner_path)
             if getattr(owner, name, None) is not None:
                 swaps.append((owner, name, getattr(owner, name), _Placeholder(hidden_states)))
         for owner, name, _, replacement in swaps:

@@ -1,3 +1,5 @@
+import contextlib
+
 import pytest
 import torch
 from torch import nn
@@ -103,16 +105,88 @@ def test_adapter_boundary_only_grows():
 
 def test_adapter_rejects_unsupported_models_naming_supported():
     import transformers as tf
-    t5 = tf.T5ForSequenceClassification(tf.T5Config(vocab_size=100, d_model=16, d_ff=32, num_layers=1,
-                                                     num_heads=2, d_kv=8))
-    with pytest.raises(UnsupportedModelError, match="'t5'.*supported model types: " + ", ".join(SUPPORTED_MODEL_TYPES)):
-        ModelAdapter(t5)
+    opt = tf.OPTForSequenceClassification(tf.OPTConfig(vocab_size=100, hidden_size=16, ffn_dim=32, num_hidden_layers=1,
+                                                       num_attention_heads=2, word_embed_proj_dim=16))
+    with pytest.raises(UnsupportedModelError, match="'opt'.*supported model types: " + ", ".join(SUPPORTED_MODEL_TYPES)):
+        ModelAdapter(opt)
     with pytest.raises(UnsupportedModelError, match="None"):
         ModelAdapter(nn.Linear(2, 2))
 
 
-def test_adapter_rejects_headless_base_model():
+def test_adapter_rejects_a_model_without_blocks():
+    model = build("bert")
+    model.bert.encoder.layer = nn.ModuleList()
+    with pytest.raises(UnsupportedModelError, match="block list at 'encoder.layer'"):
+        ModelAdapter(model)
+
+
+def task_model(kind: str, layers: int = 3):
+    """A tiny random model of each task head, with a batch of its inputs and labels."""
     import transformers as tf
-    base = tf.BertModel(tf.BertConfig(vocab_size=100, num_hidden_layers=2, **SMALL))
-    with pytest.raises(UnsupportedModelError, match="ForSequenceClassification"):
-        ModelAdapter(base)
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(4, 100, (3, 10), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 7:], ids[1, 7:] = 0, 0
+    bert = tf.BertConfig(vocab_size=100, num_hidden_layers=layers, hidden_dropout_prob=0.2, **{**SMALL, "num_labels": 2})
+    if kind == "bert-qa":
+        return tf.BertForQuestionAnswering(bert), {"input_ids": ids, "attention_mask": mask,
+                                                  "start_positions": torch.tensor([1, 2, 0]),
+                                                  "end_positions": torch.tensor([3, 2, 0])}
+    if kind == "bert-mc":
+        return tf.BertForMultipleChoice(bert), {"input_ids": ids.view(1, 3, 10), "attention_mask": mask.view(1, 3, 10),
+                                               "labels": torch.tensor([2])}
+    labels = torch.randint(4, 100, (3, 5), generator=g)
+    labels[2, 3:] = -100
+    if kind == "bart":
+        config = tf.BartConfig(vocab_size=100, d_model=16, encoder_layers=layers, decoder_layers=2,
+                               encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
+                               decoder_ffn_dim=32, max_position_embeddings=40, dropout=0.2)
+        return tf.BartForConditionalGeneration(config), {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    if kind == "t5":
+        config = tf.T5Config(vocab_size=100, d_model=16, d_kv=8, d_ff=32, num_layers=layers, num_decoder_layers=2,
+                             num_heads=2, dropout_rate=0.2, decoder_start_token_id=0)
+        return tf.T5ForConditionalGeneration(config), {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("kind", ["bert-qa", "bert-mc", "bart", "t5"])
+@pytest.mark.parametrize("start", [1, 2])
+def test_task_heads_run_from_block_k_exactly_in_training(kind, start):
+    """Every task head: with blocks[:start] frozen, training from the frozen prefix's stored output
+    gives the loss and gradients of the full forward, dropout in the trainable part included."""
+    model, batch = task_model(kind)
+    adapter = ModelAdapter(model)
+    assert adapter.num_blocks == 3  # encoder-decoder: the encoder's blocks only
+    model.train()
+    adapter.set_frozen(start)
+
+    def loss_and_grads(run):
+        model.zero_grad()
+        torch.manual_seed(7)
+        with run():
+            loss = model(**batch).loss
+        loss.backward()
+        return loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "start_positions", "end_positions")}
+    hidden = adapter.hidden_before(start, inputs)
+    full_loss, full_grads = loss_and_grads(contextlib.nullcontext)
+    cached_loss, cached_grads = loss_and_grads(lambda: adapter.run_from(start, hidden))
+    assert torch.equal(full_loss, cached_loss)
+    assert full_grads.keys() == cached_grads.keys() and full_grads
+    assert all(torch.equal(full_grads[n], cached_grads[n]) for n in full_grads)
+    # The frozen prefix (embeddings shared with a decoder included) got no gradient.
+    frozen = {id(p) for m in adapter.frozen_modules(start) for p in m.parameters()}
+    assert all(id(p) not in frozen for n, p in model.named_parameters() if n in full_grads)
+
+
+def test_encoder_decoder_freezes_encoder_blocks_and_shared_embedding_only():
+    for kind in ("bart", "t5"):
+        model, _ = task_model(kind)
+        adapter = ModelAdapter(model)
+        adapter.set_frozen(3)
+        decoder = model.get_decoder()
+        shared = model.get_input_embeddings().weight
+        assert not shared.requires_grad  # the decoder's token embedding is the same parameter
+        assert all(p.requires_grad for n, p in decoder.named_parameters() if "embed_tokens" not in n)
