@@ -60,6 +60,12 @@ def crc32_of(tensors: Sequence[torch.Tensor]) -> str:
     return f"{crc:08x}"
 
 
+def row_keys(example_ids: Sequence[int], rows_per_example: int) -> list[int]:
+    """Cache keys of the rows the examples enter the blocks as: row r of example i (multiple
+    choice: choice r) is entry i * rows_per_example + r."""
+    return [i * rows_per_example + r for i in example_ids for r in range(rows_per_example)]
+
+
 class _PrivateStore(LocalStore):
     """LocalStore whose files are readable by their owner only."""
 

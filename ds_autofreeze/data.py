@@ -1,4 +1,5 @@
-"""Text-classification data: local CSV / JSONL files or the packaged IMDb split, tokenized once.
+"""Data: rows from local CSV / JSONL / SQuAD JSON files or the packaged IMDb split, the tokenized
+tensors a task builds from them, and the order training visits them in.
 
 Every problem a user can cause (missing file, missing column, a label that is not an integer
 class) raises ``DataError`` with one line naming it, before any model work starts.
@@ -14,7 +15,6 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
-from torch.utils.data import Dataset
 
 from .cache import crc32_of
 
@@ -43,10 +43,14 @@ def movie_reviews_csv() -> str:
 
 
 def read_rows(path: str) -> list[dict]:
-    """Rows of a CSV (header line) or JSONL (one object per line) file."""
+    """Rows of a CSV (header line), JSONL (one object per line) or SQuAD JSON file (``{"data": [...]}``,
+    one row per question: id, question, context, answers = {"text": [...], "answer_start": [...]})."""
     if not os.path.isfile(path):
         raise DataError(f"data file not found: {path}")
-    if path.endswith((".jsonl", ".json")):
+    squad = _squad_json(path) if path.endswith(".json") else None
+    if squad is not None:
+        rows = squad
+    elif path.endswith((".jsonl", ".json")):
         rows = []
         with open(path, encoding="utf-8") as f:
             for lineno, line in enumerate(f, 1):
@@ -65,6 +69,42 @@ def read_rows(path: str) -> list[dict]:
     return rows
 
 
+def _squad_json(path: str) -> Optional[list[dict]]:
+    """The questions of a SQuAD v1.1 / v2.0 file as flat rows, or None if the file is not one."""
+    with open(path, encoding="utf-8") as f:
+        head = f.read(1)
+        if head != "{":
+            return None
+        f.seek(0)
+        try:
+            doc = json.load(f)
+        except json.JSONDecodeError:
+            return None
+    if not isinstance(doc, dict) or not isinstance(doc.get("data"), list):
+        return None
+    rows = []
+    for article in doc["data"]:
+        for paragraph in article.get("paragraphs", []):
+            for qa in paragraph.get("qas", []):
+                # v2.0's unanswerable questions carry is_impossible and no answers.
+                answers = [] if qa.get("is_impossible") else qa.get("answers", [])
+                rows.append({"id": str(qa.get("id", len(rows))), "question": qa.get("question"),
+                             "context": paragraph.get("context"),
+                             "answers": {"text": [a["text"] for a in answers],
+                                         "answer_start": [a["answer_start"] for a in answers]}})
+    return rows
+
+
+def require_columns(rows: Sequence[dict], columns: Sequence[str], source: str) -> None:
+    missing = [c for c in columns if c not in rows[0]]
+    if missing:
+        raise DataError(f"{source}: column(s) {', '.join(repr(c) for c in missing)} not found; "
+                        f"columns are {', '.join(repr(c) for c in rows[0])}")
+    for i, row in enumerate(rows):
+        if any(row.get(c) is None for c in columns):
+            raise DataError(f"{source}: row {i}: missing value in {', '.join(columns)}")
+
+
 def imdb_split() -> tuple[list[dict], list[dict]]:
     """(train, held-out) rows of the packaged IMDb data: 20,000 / 5,000 reviews."""
     rows = [r for r in read_rows(movie_reviews_csv()) if r.get("source") == "imdb"]
@@ -72,7 +112,7 @@ def imdb_split() -> tuple[list[dict], list[dict]]:
     return rows[IMDB_HELD_OUT:], rows[:IMDB_HELD_OUT]
 
 
-def _label(value: object, path: str, index: int, column: str) -> int:
+def parse_label(value: object, path: str, index: int, column: str) -> int:
     if isinstance(value, bool):
         value = int(value)
     if isinstance(value, int):
@@ -98,56 +138,45 @@ class TextExamples:
 def select_examples(rows: Sequence[dict], text_columns: Sequence[str], label_column: str, source: str,
                     max_samples: Optional[int] = None) -> TextExamples:
     rows = rows[:max_samples] if max_samples is not None else rows
-    missing = [c for c in (*text_columns, label_column) if c not in rows[0]]
-    if missing:
-        raise DataError(f"{source}: column(s) {', '.join(repr(c) for c in missing)} not found; "
-                        f"columns are {', '.join(repr(c) for c in rows[0])}")
+    require_columns(rows, (*text_columns, label_column), source)
     texts, labels = [], []
     for i, row in enumerate(rows):
-        if any(row.get(c) is None for c in (*text_columns, label_column)):
-            raise DataError(f"{source}: row {i}: missing value in {', '.join((*text_columns, label_column))}")
         parts = tuple(str(row[c]) for c in text_columns)
         # One or two columns are a text (pair), as the tokenizer takes them; more are joined.
         texts.append(parts if len(parts) <= 2 else (" ".join(parts),))
-        labels.append(_label(row[label_column], source, i, label_column))
+        labels.append(parse_label(row[label_column], source, i, label_column))
     return TextExamples(texts, labels, source)
 
 
-class TokenizedDataset(Dataset):
-    """Fixed-length (padded to ``max_seq_length``) token ids; item i carries its index so later
-    stages (the activation cache) can key on it."""
+class TokenizedDataset:
+    """Model inputs as tensors with one leading example dimension; row i is example (or QA
+    feature) i, which is what the activation cache keys on. A multiple-choice example enters
+    the blocks as ``rows_per_example`` rows (inputs (N, C, T))."""
 
-    def __init__(self, examples: TextExamples, tokenizer, max_seq_length: int):
-        columns = list(zip(*examples.texts))
-        enc = tokenizer(*columns, padding="max_length", truncation=True, max_length=max_seq_length,
-                        return_tensors="pt")
-        self.input_ids = enc["input_ids"]
-        self.attention_mask = enc["attention_mask"]
-        self.token_type_ids = enc.get("token_type_ids")
-        self.labels = torch.tensor(examples.labels, dtype=torch.long)
+    # What the frozen prefix reads: the cache is valid for a store built from the same values.
+    _BLOCK_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        sizes = {len(t) for t in tensors.values()}
+        if len(sizes) != 1:
+            raise ValueError(f"tensors disagree on the number of examples: { {k: len(t) for k, t in tensors.items()} }")
+        self.tensors = tensors
 
     def __len__(self) -> int:
-        return len(self.labels)
+        return len(self.tensors["input_ids"])
+
+    @property
+    def rows_per_example(self) -> int:
+        return int(torch.Size(self.tensors["input_ids"].shape[1:-1]).numel())
 
     def fingerprint(self) -> str:
-        """CRC32 of the token ids: an activation cache store is reused only for the same data."""
-        return crc32_of([self.input_ids, self.attention_mask])
+        """CRC32 of what the blocks read: an activation cache store is reused only for the same data."""
+        return crc32_of([self.tensors[k] for k in self._BLOCK_INPUTS if k in self.tensors])
 
     def batch(self, ids: Sequence[int]) -> dict[str, torch.Tensor]:
         """The examples ``ids`` as one batch of model inputs."""
-        index = torch.as_tensor(ids, dtype=torch.long)
-        batch = {"input_ids": self.input_ids[index], "attention_mask": self.attention_mask[index],
-                 "labels": self.labels[index]}
-        if self.token_type_ids is not None:
-            batch["token_type_ids"] = self.token_type_ids[index]
-        return batch
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        item = {"input_ids": self.input_ids[i], "attention_mask": self.attention_mask[i], "labels": self.labels[i],
-                "example_id": torch.tensor(i)}
-        if self.token_type_ids is not None:
-            item["token_type_ids"] = self.token_type_ids[i]
-        return item
+        index = torch.as_tensor(list(ids), dtype=torch.long)
+        return {name: t[index] for name, t in self.tensors.items()}
 
 
 def epoch_steps(num_examples: int, seed: int, epoch: int, world: int, per_rank: int) -> list[list[int]]:

