@@ -25,14 +25,16 @@ RUNS = {"full": "configs/full.json", "static": "configs/static.json", "autofreez
 DEFAULT_RUNS = ["full", "static", "autofreeze", "autofreeze+cache"]
 
 
-def run_one(name: str, config: str, args: argparse.Namespace, launcher: Sequence[str] = ()) -> dict:
+def run_one(name: str, config: str, args: argparse.Namespace, launcher: Sequence[str] = (),
+            extra: Sequence[str] = ()) -> dict:
     """One launch/finetune.py run (under ``launcher``, e.g. ``deepspeed --num_gpus 2``; default:
-    this Python) with the bench's data settings; its all_results.json plus wall time."""
+    this Python) with the bench's data settings and ``extra`` arguments (a task, its data files);
+    its all_results.json plus wall time."""
     out_dir = os.path.join(args.out, name)
     cmd = [*(launcher or [sys.executable]), os.path.join(ROOT, "launch", "finetune.py"), "--deepspeed_config",
            os.path.join(ROOT, config), "--output_dir", out_dir, "--max_train_samples", str(args.max_train_samples),
            "--max_eval_samples", str(args.max_eval_samples), "--max_seq_length", str(args.max_seq_length),
-           "--num_train_epochs", str(args.num_train_epochs), "--seed", str(args.seed), "--no_progress"]
+           "--num_train_epochs", str(args.num_train_epochs), "--seed", str(args.seed), "--no_progress", *extra]
     os.makedirs(out_dir, exist_ok=True)
     log_path = os.path.join(out_dir, "log.txt")
     print(f"[{name}] {' '.join(cmd)}  (log: {log_path})", flush=True)
@@ -46,7 +48,8 @@ def run_one(name: str, config: str, args: argparse.Namespace, launcher: Sequence
     with open(os.path.join(out_dir, "all_results.json")) as f:
         result = json.load(f)
     result["wall_seconds"] = round(time.perf_counter() - start, 1)
-    print(f"[{name}] accuracy {result['eval_accuracy']:.4f}, train {result['train_runtime']:.1f}s, "
+    scores = ", ".join(f"{k[5:]} {v:.4f}" for k, v in result.items() if k.startswith("eval_") and v is not None)
+    print(f"[{name}] {scores}, train {result['train_runtime']:.1f}s, "
           f"frozen {result['final_frozen_blocks']}", flush=True)
     return result
 
