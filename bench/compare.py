@@ -17,7 +17,7 @@ import os
 import subprocess
 import sys
 import time
-from typing import Sequence
+from typing import Optional, Sequence
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNS = {"full": "configs/full.json", "static": "configs/static.json", "autofreeze": "configs/autofreeze.json",
@@ -58,13 +58,19 @@ def table(results: dict[str, dict]) -> str:
     base = results.get("full")
     rows = ["| run | eval accuracy | Δ vs full (pt) | train time (s) | speedup vs full | frozen blocks over time |",
             "|---|---|---|---|---|---|"]
-    for name, r in results.items():
-        delta = f"{100 * (r['eval_accuracy'] - base['eval_accuracy']):+.2f}" if base else "n/a"
-        speedup = f"{base['train_runtime'] / r['train_runtime']:.2f}x" if base else "n/a"
-        events = ", ".join(f"{e['frozen_blocks']}@{e['step']}" for e in r["freeze_events"]) or "none"
-        rows.append(f"| {name} | {r['eval_accuracy']:.4f} | {delta} | {r['train_runtime']:.1f} | {speedup} | "
-                    f"{events} (of {r['num_blocks']}; k@step) |")
+    rows += [f"| {name} | {cells(r, base)} |" for name, r in results.items()]
     return "\n".join(rows)
+
+
+def cells(r: dict, base: Optional[dict], metrics: Sequence[str] = ("accuracy",)) -> str:
+    """A run's table cells against the full run ``base``: scores, Δ of the first (pt), train time,
+    speedup, freezes."""
+    score = ", ".join((f"{m} " if len(metrics) > 1 else "") + f"{r['eval_' + m]:.4f}" for m in metrics)
+    main = "eval_" + metrics[0]
+    delta = f"{100 * (r[main] - base[main]):+.2f}" if base else "n/a"
+    speedup = f"{base['train_runtime'] / r['train_runtime']:.2f}x" if base else "n/a"
+    events = ", ".join(f"{e['frozen_blocks']}@{e['step']}" for e in r["freeze_events"]) or "none"
+    return f"{score} | {delta} | {r['train_runtime']:.1f} | {speedup} | {events} (of {r['num_blocks']}; k@step)"
 
 
 def plot(results: dict[str, dict], path: str) -> None:

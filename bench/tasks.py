@@ -30,7 +30,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
-from compare import bench_parser, run_one  # noqa: E402
+from compare import bench_parser, cells, run_one  # noqa: E402
 
 from ds_autofreeze.data import imdb_split  # noqa: E402
 
@@ -91,18 +91,10 @@ SETTINGS = {  # per task: data builder, sizes, launch arguments
 
 
 def table(results: dict[str, dict[str, dict]]) -> str:
-    rows = ["| task | run | score | Δ vs full (pt) | train time (s) | speedup vs full | frozen blocks (k@step) |",
+    rows = ["| task | run | score | Δ vs full (pt) | train time (s) | speedup vs full | frozen blocks |",
             "|---|---|---|---|---|---|---|"]
-    for task, runs in results.items():
-        base = runs.get("full")
-        for name, r in runs.items():
-            score = ", ".join(f"{m} {r['eval_' + m]:.4f}" for m in HEADLINE[task])
-            main = "eval_" + HEADLINE[task][0]
-            delta = f"{100 * (r[main] - base[main]):+.2f}" if base else "n/a"
-            speedup = f"{base['train_runtime'] / r['train_runtime']:.2f}x" if base else "n/a"
-            events = ", ".join(f"{e['frozen_blocks']}@{e['step']}" for e in r["freeze_events"]) or "none"
-            rows.append(f"| {task} | {name} | {score} | {delta} | {r['train_runtime']:.1f} | {speedup} | "
-                        f"{events} (of {r['num_blocks']}) |")
+    rows += [f"| {task} | {name} | {cells(r, runs.get('full'), HEADLINE[task])} |"
+             for task, runs in results.items() for name, r in runs.items()]
     return "\n".join(rows)
 
 

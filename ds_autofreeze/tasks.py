@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 from deepspeed import comm as dist
@@ -115,12 +115,29 @@ class Task:
                 args.train_file, args.validation_file)
 
 
-def _device_batch(engine, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.to(engine.device) for k, v in batch.items()}
+def _batches(engine, dataset: TokenizedDataset, rows: Sequence[int], batch_size: int,
+             run: Optional[Callable[[dict], Any]] = None) -> Iterator[tuple[Sequence[int], dict, Any]]:
+    """(rows, batch, ``run(batch)``) for ``rows`` in chunks; ``run`` defaults to a forward.
+
+    Under ZeRO-3 on several ranks every forward all-gathers weights with the other ranks, and
+    ranks hold different numbers of held-out rows: each runs as many batches as the busiest one
+    (the extra ones on row 0, results dropped), and generation runs in lockstep (``synced_gpus``)."""
+    chunks = [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
+    count = len(chunks)
+    if _lockstep(engine):
+        most = torch.tensor([count], dtype=torch.long, device=engine.device)
+        dist.all_reduce(most, op=dist.ReduceOp.MAX)
+        chunks += [[0]] * (int(most.item()) - count)
+    for i, ids in enumerate(chunks):
+        batch = {k: v.to(engine.device) for k, v in dataset.batch(ids).items()}
+        out = run(batch) if run is not None else engine(**batch)
+        if i < count:
+            yield ids, batch, out
 
 
-def _chunks(items: Sequence[int], size: int) -> list[Sequence[int]]:
-    return [items[i:i + size] for i in range(0, len(items), size)]
+def _lockstep(engine) -> bool:
+    partitioned = getattr(engine, "zero_optimization_partition_weights", lambda: False)()
+    return bool(partitioned) and dist.is_initialized() and dist.get_world_size() > 1
 
 
 class Classification(Task):
@@ -166,9 +183,8 @@ class Classification(Task):
 
     def score(self, engine, evaluation: EvalSet, examples: list[int], batch_size: int) -> list[float]:
         correct = 0
-        for ids in _chunks(examples, batch_size):
-            batch = _device_batch(engine, evaluation.features.batch(ids))
-            correct += int((engine(**batch).logits.argmax(-1) == batch["labels"]).sum())
+        for _, batch, out in _batches(engine, evaluation.features, examples, batch_size):
+            correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
         return [correct]
 
 
@@ -290,8 +306,7 @@ class QuestionAnswering(Task):
         from torchmetrics.functional.text.squad import squad
         features = evaluation.features_of(examples)
         start_logits, end_logits = [], []
-        for ids in _chunks(features, batch_size):
-            out = engine(**_device_batch(engine, evaluation.features.batch(ids)))
+        for _, _, out in _batches(engine, evaluation.features, features, batch_size):
             start_logits.append(out.start_logits.float().cpu())
             end_logits.append(out.end_logits.float().cpu())
         if not features:
@@ -359,11 +374,13 @@ class Summarization(Task):
         from rouge_score import rouge_scorer
         scorer = rouge_scorer.RougeScorer(list(self.metrics), use_stemmer=True)
         sums = [0.0] * len(self.metrics)
-        for ids in _chunks(examples, batch_size):
-            batch = _device_batch(engine, evaluation.features.batch(ids))
-            generated = engine.module.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                               max_new_tokens=self.args.max_target_length,
-                                               num_beams=self.args.num_beams)
+
+        def generate(batch: dict) -> torch.Tensor:
+            return engine.module.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                          max_new_tokens=self.args.max_target_length, num_beams=self.args.num_beams,
+                                          synced_gpus=_lockstep(engine))
+
+        for ids, _, generated in _batches(engine, evaluation.features, examples, batch_size, generate):
             for i, text in zip(ids, self.tokenizer.batch_decode(generated, skip_special_tokens=True)):
                 scores = scorer.score(evaluation.references[i], text)
                 for m, name in enumerate(self.metrics):

@@ -249,6 +249,9 @@ def test_question_answering_end_to_end_with_cache(tmp_path, tiny_model_dir):
 def test_multiple_choice_end_to_end_with_cache_keyed_per_choice(tmp_path, tiny_model_dir):
     train = write_jsonl(tmp_path / "train.jsonl", swag_rows(64, 5))
     dev = write_jsonl(tmp_path / "dev.jsonl", swag_rows(24, 6))
+    refused = run(["--task", "multiple_choice", "--model_name_or_path", tiny_model_dir, "--train_file", train,
+                   "--validation_file", dev, "--deepspeed_config", write_config(tmp_path / "c.json", SCHEDULE)])
+    assert refused.returncode == 2 and "pass --ignore_mismatched_sizes" in refused.stderr.splitlines()[-1]
     # The tiny model was saved with a 2-label classifier; a multiple-choice head scores one per choice.
     common = ("--max_seq_length", "16", "--ignore_mismatched_sizes")
     plain, _ = run_task(tmp_path, "plain", "multiple_choice", tiny_model_dir, train, dev, SCHEDULE, *common)
@@ -269,3 +272,48 @@ def test_summarization_end_to_end_with_cache(tmp_path, seq2seq_dirs, family):
     assert plain["num_blocks"] == 4  # the encoder's blocks
     assert all(0 <= plain[f"eval_{m}"] <= 1 for m in ("rouge1", "rouge2", "rougeL")) and "eval_rougeL" in out
     assert_cache_exact(plain, cached, ("eval_rouge1", "eval_rouge2", "eval_rougeL"))
+
+
+def _evaluate_on_ranks(rank, world, model_dir, train, dev):
+    """Each rank scores its share of the held-out examples of a QA and a multiple-choice set, with
+    plain models, and of the QA set with a ZeRO-3 engine (weights partitioned over the ranks)."""
+    import deepspeed
+    from transformers import AutoModelForMultipleChoice, AutoModelForQuestionAnswering, AutoTokenizer
+    import ds_autofreeze
+    from conftest import ds_config
+    from ds_autofreeze.tasks import MultipleChoice
+    deepspeed.init_distributed(dist_backend="gloo")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    scores = {}
+    for name, task, cls, files in (("qa", QuestionAnswering, AutoModelForQuestionAnswering, (train[0], dev[0])),
+                                   ("mc", MultipleChoice, AutoModelForMultipleChoice, (train[1], dev[1])),
+                                   ("qa-zero3", QuestionAnswering, AutoModelForQuestionAnswering, (train[0], dev[0]))):
+        torch.manual_seed(0)  # the same random head on every rank
+        model = cls.from_pretrained(model_dir, ignore_mismatched_sizes=True)
+        if name.endswith("zero3"):
+            config = ds_config(3)
+            config["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # partition every weight
+            model, *_ = ds_autofreeze.initialize(model=model, config=config)
+        t = task(task_args(train_file=files[0], validation_file=files[1], max_seq_length=24, doc_stride=8))
+        _, evaluation = t.load(tokenizer)
+        scores[name] = t.evaluate(model, evaluation, batch_size=5)
+    return scores
+
+
+def test_evaluation_scores_do_not_depend_on_the_number_of_ranks(tmp_path, tiny_model_dir):
+    """Held-out examples are split by example over the ranks (a QA example's windows stay together)
+    and summed: two ranks report what one rank does. Under ZeRO-3 the ranks, which hold different
+    numbers of QA windows, still run their forwards in lockstep (else they would hang)."""
+    from multirank import run_ranks
+    train = [write_jsonl(tmp_path / "qa.jsonl", squad_rows(8, 9)), write_jsonl(tmp_path / "mc.jsonl", swag_rows(8, 9))]
+    dev = [write_jsonl(tmp_path / "qa_dev.jsonl", squad_rows(21, 10)),
+           write_jsonl(tmp_path / "mc_dev.jsonl", swag_rows(15, 10))]
+    one = run_ranks(_evaluate_on_ranks, 1, tiny_model_dir, train, dev)[0]
+    two = run_ranks(_evaluate_on_ranks, 2, tiny_model_dir, train, dev, timeout=180)
+    assert two[0] == two[1]
+    for name, scores in one.items():
+        assert scores.keys() == two[0][name].keys()
+        # torchmetrics' SQuAD means are float32: per-rank sums agree to float32 precision.
+        assert all(two[0][name][m] == pytest.approx(v, abs=1e-6) for m, v in scores.items())
+    assert one["qa-zero3"] == pytest.approx(one["qa"])
+    assert 0 < one["qa"]["f1"] < 1  # a random head gets some right: the comparison means something
