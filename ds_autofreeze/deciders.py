@@ -63,6 +63,9 @@ class GradNormDecider(Decider):
                               "(launch/finetune.py fills it); or set decider.interval_steps")
         self.interval = config.interval_steps or max(1, total_steps // config.num_intervals)
         self.prev_norms: Optional[list[float]] = None
+        # Every decision with what it saw (all-reduced norms, ratios, threshold), so a user can
+        # see why blocks froze when they did (launch/finetune.py writes it to all_results.json).
+        self.log: list[dict[str, Any]] = []
 
     def is_decision_step(self, step: int) -> bool:
         return step > 0 and step % self.interval == 0
@@ -73,16 +76,16 @@ class GradNormDecider(Decider):
         if block_norms is None or len(block_norms) != self.num_blocks:
             raise ValueError(f"gradnorm needs {self.num_blocks} block norms at step {step}")
         cur = [float(x) for x in block_norms]
+        record: dict[str, Any] = {"step": step, "block_norms": [float(f"{x:.6g}") for x in cur]}
+        self.log.append(record)
         if not all(math.isfinite(cur[i]) for i in range(boundary, self.num_blocks)):
             # An overflowed or broken interval says nothing about convergence: skip it, and
             # keep comparing against the last good one.
+            record["skipped"] = "non-finite norms"
             return boundary
         prev, self.prev_norms = self.prev_norms, cur
         if prev is None:
             return boundary
-        return self.clamp(boundary, self.boundary_from_ratios(boundary, prev, cur))
-
-    def boundary_from_ratios(self, boundary: int, prev: Sequence[float], cur: Sequence[float]) -> int:
         trainable = range(boundary, self.num_blocks)
         # A block whose previous norm is zero has no meaningful ratio; it counts as changing.
         ratios = [abs(prev[i] - cur[i]) / prev[i] if prev[i] > 0 else math.inf for i in trainable]
@@ -91,13 +94,18 @@ class GradNormDecider(Decider):
             return boundary
         threshold = float(np.percentile(finite, self.config.percentile))
         first_changing = next(i for i, r in zip(trainable, ratios) if r >= threshold)
-        return first_changing
+        new = self.clamp(boundary, first_changing)
+        # Per block; frozen blocks (and zero previous norms) have none.
+        record.update(ratios=[None] * boundary + [float(f"{r:.4g}") if math.isfinite(r) else None for r in ratios],
+                      threshold=float(f"{threshold:.4g}"), boundary=new)
+        return new
 
     def state_dict(self) -> dict[str, Any]:
-        return {"prev_norms": self.prev_norms}
+        return {"prev_norms": self.prev_norms, "log": self.log}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.prev_norms = state["prev_norms"]
+        self.log = state.get("log", [])
 
 
 class StaticDecider(Decider):

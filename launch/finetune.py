@@ -376,6 +376,7 @@ def main(argv: list[str] | None = None) -> dict:
         "train_steps": engine.global_steps,
         "train_samples_per_second": round(engine.global_steps * per_rank * world / max(state["train_time"], 1e-9), 3),
         "freeze_events": engine.freeze_events,
+        "decisions": getattr(engine.decider, "log", None),  # gradnorm: what each decision saw
         "final_frozen_blocks": engine.num_frozen_blocks,
         "num_blocks": engine.num_blocks,
         "trainable_params": engine.trainable_parameter_count(),

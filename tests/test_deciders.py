@@ -141,3 +141,16 @@ def test_schedule_rejects_freezing_everything():
 
 def test_gradnorm_decider_type():
     assert isinstance(gradnorm(), GradNormDecider)
+
+
+def test_gradnorm_logs_every_decision_and_resumes_with_it():
+    d = gradnorm()
+    d.decide(10, 0, [10.0] * 6)
+    d.decide(20, 0, [9.9, 9.8, 5.0, 9.7, 4.0, 3.0])
+    assert [r["step"] for r in d.log] == [10, 20] and "ratios" not in d.log[0]
+    assert d.log[1]["ratios"][:3] == [0.01, 0.02, 0.5] and d.log[1]["boundary"] == 2
+    d.decide(30, 2, [9.0] * 6)
+    assert d.log[2]["ratios"][:2] == [None, None]  # frozen blocks have no ratio
+    resumed = gradnorm()
+    resumed.load_state_dict(d.state_dict())
+    assert resumed.log == d.log and resumed.prev_norms == d.prev_norms
