@@ -37,6 +37,12 @@ class GradNormConfig(_DeciderBase):
     """Optimizer steps between decisions; overrides ``num_intervals`` when set."""
     percentile: float = Field(50.0, ge=0.0, le=100.0)
     """Threshold on the per-block gradient-norm change ratios of the trainable blocks."""
+    max_ratio: Optional[float] = Field(None, gt=0.0)
+    """A block freezes only if its change ratio is also at most this (an absolute "stopped
+    changing"); None is the paper's rule, where the percentile alone decides — and, being
+    relative, freezes the slower half even while every block still changes a lot."""
+    patience: int = Field(1, ge=1)
+    """Consecutive decisions a block must qualify at before it freezes (1: the paper's rule)."""
 
 
 class StaticConfig(_DeciderBase):

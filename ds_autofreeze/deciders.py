@@ -52,6 +52,12 @@ class GradNormDecider(Decider):
     |prev_i - cur_i| / prev_i; the threshold is the ``percentile`` of the ratios of the blocks
     still trainable, and everything before the first trainable block whose ratio reaches the
     threshold freezes. The first decision only records norms.
+
+    Two guards, off by default (the paper's rule): ``max_ratio`` also requires a block's ratio to
+    be small in absolute terms, and ``patience`` requires a block to qualify at that many
+    consecutive decisions. The percentile alone is relative: at every decision it ranks about
+    half the blocks as "slow", so on a run whose blocks all still change (or whose short
+    intervals are dominated by batch noise) it freezes on chance.
     """
 
     needs_grad_stats = True
@@ -66,6 +72,7 @@ class GradNormDecider(Decider):
         # Every decision with what it saw (all-reduced norms, ratios, threshold), so a user can
         # see why blocks froze when they did (launch/finetune.py writes it to all_results.json).
         self.log: list[dict[str, Any]] = []
+        self.streak = [0] * num_blocks  # consecutive decisions each block qualified at
 
     def is_decision_step(self, step: int) -> bool:
         return step > 0 and step % self.interval == 0
@@ -93,7 +100,10 @@ class GradNormDecider(Decider):
         if not finite:
             return boundary
         threshold = float(np.percentile(finite, self.config.percentile))
-        first_changing = next(i for i, r in zip(trainable, ratios) if r >= threshold)
+        cap = self.config.max_ratio if self.config.max_ratio is not None else math.inf
+        for i, r in zip(trainable, ratios):
+            self.streak[i] = self.streak[i] + 1 if r < threshold and r <= cap else 0
+        first_changing = next((i for i in trainable if self.streak[i] < self.config.patience), self.num_blocks)
         new = self.clamp(boundary, first_changing)
         # Per block; frozen blocks (and zero previous norms) have none.
         record.update(ratios=[None] * boundary + [float(f"{r:.4g}") if math.isfinite(r) else None for r in ratios],
@@ -101,11 +111,12 @@ class GradNormDecider(Decider):
         return new
 
     def state_dict(self) -> dict[str, Any]:
-        return {"prev_norms": self.prev_norms, "log": self.log}
+        return {"prev_norms": self.prev_norms, "log": self.log, "streak": self.streak}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.prev_norms = state["prev_norms"]
         self.log = state.get("log", [])
+        self.streak = state.get("streak", [0] * self.num_blocks)
 
 
 class StaticDecider(Decider):

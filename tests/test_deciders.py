@@ -154,3 +154,25 @@ def test_gradnorm_logs_every_decision_and_resumes_with_it():
     resumed = gradnorm()
     resumed.load_state_dict(d.state_dict())
     assert resumed.log == d.log and resumed.prev_norms == d.prev_norms
+
+
+def test_gradnorm_max_ratio_keeps_blocks_that_still_change_a_lot():
+    prev, cur = [10.0] * 6, [7.0, 6.5, 5.0, 4.0, 3.0, 2.0]  # ratios .3 .35 .5 .6 .7 .8: all still moving
+    paper, guarded = gradnorm(), build_decider(GradNormConfig(interval_steps=10, max_ratio=0.1), 6, None)
+    for d in (paper, guarded):
+        d.decide(10, 0, prev)
+    assert paper.decide(20, 0, cur) == 3  # the slower half freezes: relative ranking only
+    assert guarded.decide(20, 0, cur) == 0
+    assert guarded.decide(30, 0, [6.9, 6.4, 6.0, 5.0, 3.5, 2.5]) == 2  # blocks 0, 1 moved < 10% and below the median
+
+
+def test_gradnorm_patience_needs_consecutive_qualifying_decisions():
+    d = build_decider(GradNormConfig(interval_steps=10, patience=2), 6, None)
+    d.decide(10, 0, [10.0] * 6)
+    assert d.decide(20, 0, [9.9, 9.9, 5.0, 5.0, 5.0, 5.0]) == 0  # blocks 0, 1 qualify once
+    assert d.decide(30, 0, [9.8, 2.0, 2.0, 2.0, 2.0, 2.0]) == 1  # block 0 twice: frozen; block 1's streak broken
+    assert d.decide(40, 1, [9.7, 1.98, 1.0, 1.0, 1.0, 1.0]) == 1  # block 1 qualifies once again
+    assert d.decide(50, 1, [9.6, 1.97, 0.5, 0.5, 0.5, 0.5]) == 2  # and twice
+    resumed = build_decider(GradNormConfig(interval_steps=10, patience=2), 6, None)
+    resumed.load_state_dict(d.state_dict())
+    assert resumed.streak == d.streak
