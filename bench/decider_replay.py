@@ -58,7 +58,7 @@ def main() -> None:
         for guards in SETTINGS:
             events = replay(decisions, run["num_blocks"], interval, args.min_trainable, **guards)
             setting = ", ".join(f"{k} {v}" for k, v in guards.items()) or "paper (percentile only)"
-            name = f"{run.get('task', 'classification')} ({os.path.basename(os.path.dirname(os.path.abspath(path)))})"
+            name = f"{run.get('task', 'classification')} ({os.path.basename(path)})"
             rows.append(f"| {name} | {run['train_steps']} | {interval} | {setting} | {', '.join(events) or 'none'} |")
             out.append({"run": path, "setting": guards, "events": events})
     table = "\n".join(rows)

@@ -5,7 +5,7 @@
 
 No SQuAD or SWAG can be downloaded here, so both data sets are derived from the packaged IMDb
 reviews (train split for training, the held-out split for evaluation), in the formats users
-have (SQuAD 2.0 JSON; SWAG columns), and written under --out:
+have (SQuAD 2.0 JSON; SWAG columns), and written under --out/data:
 - question_answering (SQuAD 2.0 style): "What rating did the reviewer give?" (answer: the span
   "7/10", "8 out of 10", ...) and "Which year is mentioned?" (the first year), each asked of
   reviews that hold the answer and, as unanswerable questions, of reviews that do not (half and
@@ -108,8 +108,10 @@ def main() -> None:
     results: dict[str, dict[str, dict]] = {}
     for task in args.tasks:
         build, ext, launch_args = SETTINGS[task]
-        train = build(train_reviews, args.max_train_samples, args.seed, os.path.join(args.out, f"{task}_train.{ext}"))
-        dev = build(held_out, args.max_eval_samples, args.seed + 1, os.path.join(args.out, f"{task}_dev.{ext}"))
+        data = os.path.join(args.out, "data")  # rebuilt from the packaged reviews (seeded); not committed
+        os.makedirs(data, exist_ok=True)
+        train = build(train_reviews, args.max_train_samples, args.seed, os.path.join(data, f"{task}_train.{ext}"))
+        dev = build(held_out, args.max_eval_samples, args.seed + 1, os.path.join(data, f"{task}_dev.{ext}"))
         # max_seq_length comes from the task's settings (the later flag wins in argparse).
         extra = ["--task", task, "--train_file", train, "--validation_file", dev, *launch_args]
         results[task] = {name: run_one(f"{task}-{name}", config, args, extra=extra) for name, config in RUNS.items()}
