@@ -78,18 +78,18 @@ class Task:
     def __init__(self, args: argparse.Namespace):
         self.args = args
 
-    def model_class(self):
+    def model_class(self) -> type:
         raise NotImplementedError
 
     def model_kwargs(self) -> dict:
         return {}
 
-    def load(self, tokenizer) -> tuple[TokenizedDataset, EvalSet]:
+    def load(self, tokenizer: Any) -> tuple[TokenizedDataset, EvalSet]:
         """(training rows as model inputs, held-out set). Every data problem raises DataError."""
         raise NotImplementedError
 
     @torch.no_grad()
-    def evaluate(self, engine, evaluation: EvalSet, batch_size: int) -> dict[str, float]:
+    def evaluate(self, engine: Any, evaluation: EvalSet, batch_size: int) -> dict[str, float]:
         """Scores of the model on the held-out set, over all ranks (collective)."""
         world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
         mine = list(range(rank, evaluation.num_examples, world))
@@ -101,7 +101,7 @@ class Task:
             dist.all_reduce(totals)  # NCCL reduces device tensors only
         return {name: float(totals[i] / totals[-1]) for i, name in enumerate(self.metrics)}
 
-    def score(self, engine, evaluation: EvalSet, examples: list[int], batch_size: int) -> list[float]:
+    def score(self, engine: Any, evaluation: EvalSet, examples: list[int], batch_size: int) -> list[float]:
         """Per metric, the sum of per-example scores over ``examples``."""
         raise NotImplementedError
 
@@ -144,14 +144,14 @@ class Classification(Task):
     name = "classification"
     metrics = ("accuracy",)
 
-    def model_class(self):
+    def model_class(self) -> type:
         from transformers import AutoModelForSequenceClassification
         return AutoModelForSequenceClassification
 
     def model_kwargs(self) -> dict:
         return {"num_labels": self.num_labels}
 
-    def load(self, tokenizer) -> tuple[TokenizedDataset, EvalSet]:
+    def load(self, tokenizer: Any) -> tuple[TokenizedDataset, EvalSet]:
         args = self.args
         text_columns = [c.strip() for c in args.text_column_names.split(",") if c.strip()]
         if args.train_file is None and args.validation_file is None:
@@ -181,7 +181,7 @@ class Classification(Task):
         held_out = encode(evaluation)
         return encode(train), EvalSet(held_out, len(held_out))
 
-    def score(self, engine, evaluation: EvalSet, examples: list[int], batch_size: int) -> list[float]:
+    def score(self, engine: Any, evaluation: EvalSet, examples: list[int], batch_size: int) -> list[float]:
         correct = 0
         for _, batch, out in _batches(engine, evaluation.features, examples, batch_size):
             correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
@@ -191,14 +191,14 @@ class Classification(Task):
 class MultipleChoice(Classification):
     name = "multiple_choice"
 
-    def model_class(self):
+    def model_class(self) -> type:
         from transformers import AutoModelForMultipleChoice
         return AutoModelForMultipleChoice
 
     def model_kwargs(self) -> dict:
         return {}
 
-    def load(self, tokenizer) -> tuple[TokenizedDataset, EvalSet]:
+    def load(self, tokenizer: Any) -> tuple[TokenizedDataset, EvalSet]:
         args = self.args
         train_rows, eval_rows, train_src, eval_src = self._rows()
         context, start = args.context_column or "sent1", args.question_column or "sent2"
@@ -229,11 +229,11 @@ class QuestionAnswering(Task):
     name = "question_answering"
     metrics = ("exact_match", "f1")
 
-    def model_class(self):
+    def model_class(self) -> type:
         from transformers import AutoModelForQuestionAnswering
         return AutoModelForQuestionAnswering
 
-    def load(self, tokenizer) -> tuple[TokenizedDataset, EvalSet]:
+    def load(self, tokenizer: Any) -> tuple[TokenizedDataset, EvalSet]:
         args = self.args
         if not getattr(tokenizer, "is_fast", False):
             raise DataError("--task question_answering needs a fast tokenizer (character offsets of every token)")
@@ -302,7 +302,7 @@ class QuestionAnswering(Task):
             tensors.update(start_positions=torch.tensor(starts), end_positions=torch.tensor(ends))
         return TokenizedDataset(tensors), example_features, offsets
 
-    def score(self, engine, evaluation: EvalSet, examples: list[int], batch_size: int) -> list[float]:
+    def score(self, engine: Any, evaluation: EvalSet, examples: list[int], batch_size: int) -> list[float]:
         from torchmetrics.functional.text.squad import squad
         features = evaluation.features_of(examples)
         start_logits, end_logits = [], []
@@ -346,11 +346,11 @@ class Summarization(Task):
     name = "summarization"
     metrics = ("rouge1", "rouge2", "rougeL")
 
-    def model_class(self):
+    def model_class(self) -> type:
         from transformers import AutoModelForSeq2SeqLM
         return AutoModelForSeq2SeqLM
 
-    def load(self, tokenizer) -> tuple[TokenizedDataset, EvalSet]:
+    def load(self, tokenizer: Any) -> tuple[TokenizedDataset, EvalSet]:
         args = self.args
         train_rows, eval_rows, train_src, eval_src = self._rows()
         columns = (args.text_column, args.summary_column)
@@ -370,7 +370,7 @@ class Summarization(Task):
         return encode(train_rows, train_src), EvalSet(held_out, len(held_out),
                                                       references=[str(r[args.summary_column]) for r in eval_rows])
 
-    def score(self, engine, evaluation: EvalSet, examples: list[int], batch_size: int) -> list[float]:
+    def score(self, engine: Any, evaluation: EvalSet, examples: list[int], batch_size: int) -> list[float]:
         from rouge_score import rouge_scorer
         scorer = rouge_scorer.RougeScorer(list(self.metrics), use_stemmer=True)
         sums = [0.0] * len(self.metrics)
