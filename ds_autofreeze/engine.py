@@ -157,11 +157,10 @@ class AutoFreezeEngine(DeepSpeedEngine):
         k = self.num_frozen_blocks
         model_inputs = {name: v for name, v in inputs.items() if name != "labels"}
         per = int(torch.Size(model_inputs["input_ids"].shape[1:-1]).numel())
-        keys = row_keys(ids, per)
-        entries = self.cache.get(keys)
+        entries = self.cache.get(row_keys(ids, per))
         missing = sorted({j // per for j, e in enumerate(entries) if e is None})  # examples
         if missing:
-            prev_k, prev = self.cache.get_previous([keys[j * per + r] for j in missing for r in range(per)])
+            prev_k, prev = self.cache.get_previous(row_keys([ids[j] for j in missing], per))
             prev = {j: prev[n * per:(n + 1) * per] for n, j in enumerate(missing)}
             from_prev = [j for j in missing if all(e is not None for e in prev[j])]
             from_embeddings = [j for j in missing if j not in from_prev]
@@ -171,10 +170,9 @@ class AutoFreezeEngine(DeepSpeedEngine):
                 sub = {name: v[examples] for name, v in model_inputs.items()}
                 begin = (start, torch.stack([e for j in examples for e in prev[j]]).to(self.device)) if start else None
                 computed = self.adapter.hidden_before(k, sub, start=begin)
-                rows = [j * per + r for j in examples for r in range(per)]
-                self.cache.put([keys[j] for j in rows], computed)
-                for j, row in zip(rows, computed):
-                    entries[j] = row
+                self.cache.put(row_keys([ids[j] for j in examples], per), computed)
+                for row, value in zip(row_keys(examples, per), computed):  # positions in this batch
+                    entries[row] = value
         return torch.stack([e.to(self.device) for e in entries])
 
     def _frozen_weights_fingerprint(self, num_frozen_blocks: Optional[int] = None) -> str:
