@@ -36,6 +36,12 @@ def test_finetune_end_to_end_writes_results_and_checkpoints(tmp_path, tiny_model
     assert results["final_frozen_blocks"] == (results["freeze_events"][-1]["frozen_blocks"]
                                               if results["freeze_events"] else 0)
     assert all({"step", "frozen_blocks"} <= set(e) for e in results["freeze_events"])
+    # Every gradnorm decision (every 2 steps) is reported with what it saw; the freezes are among them.
+    assert [d["step"] for d in results["decisions"]] == list(range(2, 25, 2))
+    assert all(len(d["block_norms"]) == 4 for d in results["decisions"])
+    moves = [(d["step"], d["boundary"]) for d in results["decisions"][1:] if d.get("boundary", 0) > 0]
+    assert [(e["step"], e["frozen_blocks"]) for e in results["freeze_events"]] == \
+        [m for i, m in enumerate(moves) if i == 0 or m[1] > moves[i - 1][1]]
     assert "summary:" in proc.stdout and "epoch 2: eval_accuracy" in proc.stdout
     assert sum(line.startswith("[autofreeze] step") for line in proc.stdout.splitlines()) == \
         len(results["freeze_events"])
