@@ -107,7 +107,8 @@ def bench_parser(doc: str, out: str) -> argparse.ArgumentParser:
     p.add_argument("--max_seq_length", type=int, default=128)
     p.add_argument("--num_train_epochs", type=int, default=3)
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--out", default=os.path.join(ROOT, "bench", "results", out))
+    # Absolute: the runs write there from the repository root, whatever the caller's directory.
+    p.add_argument("--out", type=os.path.abspath, default=os.path.join(ROOT, "bench", "results", out))
     return p
 
 

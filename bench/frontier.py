@@ -1,0 +1,75 @@
+"""The speed/accuracy frontier of freezing in the compare setting: fixed freeze schedules (+ cache).
+
+    python bench/frontier.py --schedules 4@0.1,5@0.3 3@0.1,4@0.2,5@0.4    # runs full first, then each schedule
+    python bench/frontier.py --full_from bench/results/compare/results.json --schedules 4@0.05
+
+A schedule ``k@f,...`` freezes the first k blocks at fraction f of training (the ``schedule`` decider,
+with the activation cache on). No online rule can beat the best fixed schedule it could have chosen,
+so this bounds what any decider reaches here: whether a point such as "2.5x faster, accuracy within
+1 pt" exists at all in this setting, and which freeze steps it needs. Prints a markdown table; writes
+results.json under --out.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+
+from compare import RUNS, bench_parser, run_one, table
+
+
+def parse_schedule(text: str) -> list[dict]:
+    """``"4@0.1,5@0.3"`` -> the schedule decider's entries."""
+    entries = []
+    for part in text.split(","):
+        blocks, _, fraction = part.partition("@")
+        entries.append({"fraction": float(fraction), "num_frozen_blocks": int(blocks)})
+    return entries
+
+
+def schedule_config(entries: list[dict], directory: str, name: str) -> str:
+    """configs/autofreeze_cache.json with its decider replaced by the schedule; the path written."""
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), RUNS["autofreeze+cache"])) as f:
+        config = json.load(f)
+    config["autofreeze"]["decider"] = {"name": "schedule", "schedule": entries}
+    path = os.path.join(directory, f"{name}.json")
+    with open(path, "w") as f:
+        json.dump(config, f, indent=1)
+    return path
+
+
+def main() -> None:
+    p = bench_parser(__doc__, "frontier")
+    p.add_argument("--schedules", nargs="+", required=True, help="k@fraction,... per run")
+    p.add_argument("--full_from", default=None,
+                   help="a compare/frontier results.json whose full run (same settings) is the reference; "
+                        "default: run full here first")
+    args = p.parse_args()
+
+    if args.full_from:
+        with open(args.full_from) as f:
+            previous = json.load(f)
+        for key in ("max_train_samples", "max_eval_samples", "max_seq_length", "num_train_epochs", "seed"):
+            if previous["settings"][key] != getattr(args, key):
+                raise SystemExit(f"--full_from: its {key} is {previous['settings'][key]}, this run's is "
+                                 f"{getattr(args, key)}")
+        results = {"full": previous["results"]["full"]}
+    else:
+        results = {"full": run_one("full", RUNS["full"], args)}
+    with tempfile.TemporaryDirectory() as configs:
+        for text in args.schedules:
+            slug = "schedule_" + text.replace("@", "at").replace(",", "_")
+            results[f"schedule {text}"] = run_one(slug, schedule_config(parse_schedule(text), configs, slug), args)
+
+    md = table(results)
+    print("\n" + md)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump({"command": " ".join(sys.argv), "settings": vars(args), "results": results, "table": md}, f,
+                  indent=1)
+    print(f"\nwrote {os.path.join(args.out, 'results.json')}")
+
+
+if __name__ == "__main__":
+    main()
