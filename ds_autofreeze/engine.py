@@ -153,10 +153,14 @@ class AutoFreezeEngine(DeepSpeedEngine):
         are computed (from the previous boundary's entry when there is one) and stored.
 
         An example may enter the blocks as several rows (multiple choice: one per choice, inputs
-        (B, C, T)), each its own cache entry (``cache.row_keys``)."""
+        (B, C, T)), each its own cache entry (``cache.row_keys``). Where the head never reads
+        padding positions, entries are stored without them and come back zero-padded: padding
+        rows reach the loss only as keys the attention mask weights by an exact zero."""
         k = self.num_frozen_blocks
         model_inputs = {name: v for name, v in inputs.items() if name != "labels"}
         per = int(torch.Size(model_inputs["input_ids"].shape[1:-1]).numel())
+        seq_len = model_inputs["input_ids"].shape[-1]
+        lengths = _unpadded_lengths(model_inputs.get("attention_mask")) if self.adapter.pad_rows_unread else None
         entries = self.cache.get(row_keys(ids, per))
         missing = sorted({j // per for j, e in enumerate(entries) if e is None})  # examples
         if missing:
@@ -168,12 +172,16 @@ class AutoFreezeEngine(DeepSpeedEngine):
                 if not examples:
                     continue
                 sub = {name: v[examples] for name, v in model_inputs.items()}
-                begin = (start, torch.stack([e for j in examples for e in prev[j]]).to(self.device)) if start else None
+                begin = None
+                if start is not None:  # run only the newly frozen blocks, from the previous boundary's entries
+                    begin = (start, _padded([e for j in examples for e in prev[j]], seq_len, self.device))
                 computed = self.adapter.hidden_before(k, sub, start=begin)
-                self.cache.put(row_keys([ids[j] for j in examples], per), computed)
-                for row, value in zip(row_keys(examples, per), computed):  # positions in this batch
+                rows = row_keys(examples, per)  # positions in this batch
+                self.cache.put(row_keys([ids[j] for j in examples], per), computed,
+                               [lengths[r] for r in rows] if lengths is not None else None)
+                for row, value in zip(rows, computed):
                     entries[row] = value
-        return torch.stack([e.to(self.device) for e in entries])
+        return _padded(entries, seq_len, self.device)
 
     def _frozen_weights_fingerprint(self, num_frozen_blocks: Optional[int] = None) -> str:
         k = self.num_frozen_blocks if num_frozen_blocks is None else num_frozen_blocks
@@ -520,3 +528,18 @@ def initialize(args: Any = None,
     deepspeed.zero.partition_parameters.restore_init_context()
     engine._configure_python_gc()
     return engine, engine.optimizer, engine.training_dataloader, engine.lr_scheduler
+
+
+def _unpadded_lengths(attention_mask: Optional[torch.Tensor]) -> Optional[list[int]]:
+    """Per row entering the blocks, the positions up to its last unmasked one (right padding
+    trimmed; a left-padded row keeps its full length). None without a mask."""
+    if attention_mask is None:
+        return None
+    mask = attention_mask.reshape(-1, attention_mask.shape[-1]) != 0
+    trailing = mask.flip(-1).int().cumsum(-1).eq(0).sum(-1)
+    return (mask.shape[-1] - trailing).clamp(min=1).tolist()
+
+
+def _padded(entries: list[torch.Tensor], seq_len: int, device: torch.device) -> torch.Tensor:
+    """Stack (L, H) entries into (rows, seq_len, H), zeros past each L."""
+    return torch.stack([torch.nn.functional.pad(e.to(device), (0, 0, 0, seq_len - e.shape[0])) for e in entries])

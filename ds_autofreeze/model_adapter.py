@@ -66,6 +66,9 @@ _LAYOUTS: dict[str, _Layout] = {
 SUPPORTED_MODEL_TYPES = tuple(sorted(_LAYOUTS))
 
 
+_PAD_BLIND_HEADS = ("ForSequenceClassification", "ForMultipleChoice", "ForConditionalGeneration")
+
+
 class UnsupportedModelError(ValueError):
     pass
 
@@ -107,6 +110,12 @@ class ModelAdapter:
         self.blocks: list[nn.Module] = list(blocks)
         self.embeddings: list[nn.Module] = [m for m in (_get(self.base, p) for p in layout.embeddings) if m is not None]
         self.num_frozen = 0
+        # Heads that read only unpadded positions (a pooled / last-token classifier per sequence or
+        # choice; a decoder cross-attending with the encoder's mask): the hidden states of padding
+        # positions reach the loss only as masked keys, weighted by an exact zero, so the cache may
+        # drop them. Token-level heads (QA span logits over every position) and anything unknown
+        # keep them.
+        self.pad_rows_unread = type(model).__name__.endswith(_PAD_BLIND_HEADS)
 
     @property
     def num_blocks(self) -> int:

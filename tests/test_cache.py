@@ -165,6 +165,24 @@ def test_cache_corrupted_chunk_is_detected_and_recomputed(tmp_path):
     assert reader.stats.corrupt == 1
 
 
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_cache_corrupted_compressed_chunk_is_recomputed_not_fatal(tmp_path, damage):
+    """Entries stored without padding are compressed: damage may break the codec itself, which
+    must count as one corrupt entry, not take the disk tier down."""
+    x = torch.randn(3, 32, 8)
+    cache = make_cache(tmp_path, ram_bytes=0, prefetch_depth=0)
+    cache.put([0, 1, 2], x, lengths=[10, 32, 20])
+    cache.flush()
+    chunk = next(tmp_path.rglob("c/1/0/0"))
+    data = chunk.read_bytes()
+    chunk.write_bytes(data[:5] + bytes([data[5] ^ 0xFF]) + data[6:] if damage == "flip" else data[:len(data) // 2])
+    reader = make_cache(tmp_path, ram_bytes=0, prefetch_depth=0)
+    with pytest.warns(RuntimeWarning, match="checksum"):
+        got = reader.get([0, 1, 2])
+    assert got[1] is None and torch.equal(got[0], x[0, :10]) and torch.equal(got[2], x[2, :20])
+    assert reader.stats.corrupt == 1 and reader._disk_store() is not None
+
+
 def test_cache_sigkill_mid_write_never_yields_torn_entries(tmp_path):
     script = textwrap.dedent(f"""
         import sys, torch
@@ -217,13 +235,13 @@ FREEZES = {"total_steps": 40, "decider": {"name": "schedule", "schedule": [
     {"fraction": 0.1, "num_frozen_blocks": 1}, {"fraction": 0.5, "num_frozen_blocks": 3}]}}  # steps 4 and 20
 
 
-def train_epochs(cache_dir=None, epochs=5, fault=None, **cache_cfg):
+def train_epochs(cache_dir=None, epochs=5, fault=None, data=None, **cache_cfg):
     model = tiny_bert(seed=0)
     engine, *_ = ds_autofreeze.initialize(model=model, config=ds_config(1, FREEZES))
     if cache_dir is not None:
         cfg = CacheConfig(enabled=True, **{"prefetch_depth": 2, **cache_cfg})
         engine.attach_cache(ActivationCache(cfg, str(cache_dir), num_examples=32, data_fingerprint="d"))
-    data = batches(8, micro=4)
+    data = data or batches(8, micro=4)
     torch.manual_seed(123)
     losses, grads = [], []
     g = torch.Generator().manual_seed(5)
@@ -259,6 +277,55 @@ def test_cache_exact_against_uncached_path(tmp_path):
     assert_same_run(plain, disk_only)
     s = disk_only[2].cache.stats
     assert s.disk_hits > 0 and s.previous_hits > 0  # blocks 1..2 were fed from the boundary-1 store
+
+
+def padded_batches(seq: int = 32) -> list[dict]:
+    """batches() with each row cut to a random length: mostly padding, as short texts are."""
+    data = batches(8, micro=4, seq=seq)
+    g = torch.Generator().manual_seed(9)
+    for b in data:
+        for row, length in enumerate(torch.randint(3, seq + 1, (4,), generator=g).tolist()):
+            b["input_ids"][row, length:] = 0
+            b["attention_mask"][row] = torch.arange(seq) < length
+    return data
+
+
+def test_cache_drops_padding_and_stays_exact(tmp_path):
+    data = padded_batches()
+    plain = train_epochs(data=data)
+    cached = train_epochs(tmp_path / "c", ram_bytes=10 ** 9, data=data)
+    assert_same_run(plain, cached)  # padding rows come back as zeros: the loss never reads them
+    disk_only = train_epochs(tmp_path / "d", ram_bytes=0, data=data)
+    assert_same_run(plain, disk_only)
+    assert disk_only[2].cache.stats.disk_hits > 0 and disk_only[2].cache.stats.previous_hits > 0
+    # What is stored: each entry's unpadded rows (the hidden size of tiny_bert is 32, fp32).
+    lengths = torch.cat([b["attention_mask"] for b in data]).sum(-1)
+    assert cached[2].cache.ram_bytes_used == int(lengths.sum()) * 32 * 4 < 32 * 32 * 32 * 4
+    chunks = [f.stat().st_size for f in (tmp_path / "d").rglob("c/*/0/0") if f.is_file()]
+    assert len(chunks) == 32 and sum(chunks) < int(lengths.sum()) * 32 * 4 + 32 * 128  # values + codec overhead
+
+
+def test_cache_entries_keep_only_their_length(tmp_path):
+    cache = make_cache(tmp_path, ram_bytes=0, prefetch_depth=0)
+    x = torch.randn(3, 128, 64).to(torch.bfloat16)
+    cache.put([0, 1, 2], x, lengths=[5, 128, 40])
+    cache.flush()
+    got = cache.get([0, 1, 2])
+    assert [g.shape[0] for g in got] == [5, 128, 40]
+    assert all(torch.equal(g, x[i, :n]) for i, (g, n) in enumerate(zip(got, [5, 128, 40])))
+    manifest = next(tmp_path.glob("*.manifest")).read_text().split()
+    assert manifest[2::3] == ["5", "128", "40"]
+    assert cache._disk_store().bytes_used == (5 + 128 + 40) * 64 * 2
+    # On disk: the values plus a few bytes for the zeros past each length.
+    sizes = {int(f.parent.parent.name): f.stat().st_size for f in tmp_path.rglob("c/*/0/0")}
+    assert all(0.9 * n * 128 <= sizes[i] < n * 128 + 256 for i, n in enumerate([5, 128, 40]))
+    # A store whose first batch is under 10% padding keeps raw chunks (they read faster cold).
+    cache.set_boundary(3, "weights3")
+    cache.put([0, 1, 2], x, lengths=[128, 120, 126])
+    cache.flush()
+    assert [g.shape[0] for g in cache.get([0, 1, 2])] == [128, 120, 126]
+    assert not cache._disk_store().compressed and cache._disk_store().bytes_used == 3 * 128 * 64 * 2
+    assert {f.stat().st_size for f in tmp_path.glob("b3-*/c/*/0/0")} == {128 * 64 * 2}
 
 
 def test_cache_directory_deleted_mid_run_recomputes(tmp_path):

@@ -121,8 +121,11 @@ def test_adapter_rejects_a_model_without_blocks():
 
 
 def task_model(kind: str, layers: int = 3):
-    """A tiny random model of each task head, with a batch of its inputs and labels."""
+    """A tiny random model of each task head, with a batch of its inputs and labels
+    (``seq-<family>``: a sequence classifier of that family)."""
     import transformers as tf
+    if kind.startswith("seq-"):
+        return build(kind[4:], layers), {**inputs(), "labels": torch.tensor([0, 1, 2])}
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(5)
     ids = torch.randint(4, 100, (3, 10), generator=g)
@@ -150,6 +153,36 @@ def task_model(kind: str, layers: int = 3):
     raise ValueError(kind)
 
 
+def model_inputs(batch: dict) -> dict:
+    return {k: v for k, v in batch.items() if k not in ("labels", "start_positions", "end_positions")}
+
+
+def loss_and_grads(model, batch: dict, run) -> tuple:
+    model.zero_grad()
+    torch.manual_seed(7)
+    with run():
+        loss = model(**batch).loss
+    loss.backward()
+    return loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("kind", ["bert-qa", "bert-mc", "bart", "t5", *(f"seq-{f}" for f in FAMILIES)])
+def test_padding_rows_reach_the_loss_only_through_token_level_heads(kind):
+    """The cache drops padding rows (they come back as zeros) exactly where the adapter says the
+    head never reads them: there, zeroing them leaves loss and gradients bitwise unchanged; a QA
+    head scores every position, so there it would not."""
+    model, batch = task_model(kind)
+    adapter = ModelAdapter(model)
+    model.train()
+    adapter.set_frozen(1)
+    hidden = adapter.hidden_before(1, model_inputs(batch))
+    zeroed = hidden * batch["attention_mask"].reshape(*hidden.shape[:2], 1)
+    loss, grads = loss_and_grads(model, batch, lambda: adapter.run_from(1, hidden))
+    zloss, zgrads = loss_and_grads(model, batch, lambda: adapter.run_from(1, zeroed))
+    unchanged = torch.equal(loss, zloss) and all(torch.equal(grads[n], zgrads[n]) for n in grads)
+    assert unchanged == adapter.pad_rows_unread == (kind != "bert-qa")
+
+
 @pytest.mark.parametrize("kind", ["bert-qa", "bert-mc", "bart", "t5"])
 @pytest.mark.parametrize("start", [1, 2])
 def test_task_heads_run_from_block_k_exactly_in_training(kind, start):
@@ -160,19 +193,9 @@ def test_task_heads_run_from_block_k_exactly_in_training(kind, start):
     assert adapter.num_blocks == 3  # encoder-decoder: the encoder's blocks only
     model.train()
     adapter.set_frozen(start)
-
-    def loss_and_grads(run):
-        model.zero_grad()
-        torch.manual_seed(7)
-        with run():
-            loss = model(**batch).loss
-        loss.backward()
-        return loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-    inputs = {k: v for k, v in batch.items() if k not in ("labels", "start_positions", "end_positions")}
-    hidden = adapter.hidden_before(start, inputs)
-    full_loss, full_grads = loss_and_grads(contextlib.nullcontext)
-    cached_loss, cached_grads = loss_and_grads(lambda: adapter.run_from(start, hidden))
+    hidden = adapter.hidden_before(start, model_inputs(batch))
+    full_loss, full_grads = loss_and_grads(model, batch, contextlib.nullcontext)
+    cached_loss, cached_grads = loss_and_grads(model, batch, lambda: adapter.run_from(start, hidden))
     assert torch.equal(full_loss, cached_loss)
     assert full_grads.keys() == cached_grads.keys() and full_grads
     assert all(torch.equal(full_grads[n], cached_grads[n]) for n in full_grads)
