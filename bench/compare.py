@@ -99,6 +99,17 @@ def plot(results: dict[str, dict], path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+def write_results(args: argparse.Namespace, results: dict, md: str) -> None:
+    """Print the table; write it with the runs' results and the settings to <out>/results.json."""
+    print("\n" + md)
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "results.json")
+    with open(path, "w") as f:
+        json.dump({"command": " ".join(sys.argv), "settings": vars(args), "results": results, "table": md}, f,
+                  indent=1)
+    print(f"\nwrote {path}")
+
+
 def bench_parser(doc: str, out: str) -> argparse.ArgumentParser:
     """The README's setting (MiniLM-L6, IMDb 4,000 / 5,000, 3 epochs), shared by the end-to-end benches."""
     p = argparse.ArgumentParser(description=doc.split("\n")[0])
@@ -118,14 +129,9 @@ def main() -> None:
     args = p.parse_args()
 
     results = {name: run_one(name, RUNS[name], args) for name in args.runs}
-    md = table(results)
-    print("\n" + md)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"command": " ".join(sys.argv), "settings": vars(args), "results": results, "table": md}, f,
-                  indent=1)
+    write_results(args, results, table(results))
     plot(results, os.path.join(args.out, "timeline.png"))
-    print(f"\nwrote {os.path.join(args.out, 'results.json')} and timeline.png")
+    print(f"wrote {os.path.join(args.out, 'timeline.png')}")
 
 
 if __name__ == "__main__":

@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import tempfile
 
-from compare import RUNS, bench_parser, run_one, table
+from compare import RUNS, bench_parser, run_one, table, write_results
 
 
 def parse_schedule(text: str) -> list[dict]:
@@ -62,13 +61,7 @@ def main() -> None:
             slug = "schedule_" + text.replace("@", "at").replace(",", "_")
             results[f"schedule {text}"] = run_one(slug, schedule_config(parse_schedule(text), configs, slug), args)
 
-    md = table(results)
-    print("\n" + md)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"command": " ".join(sys.argv), "settings": vars(args), "results": results, "table": md}, f,
-                  indent=1)
-    print(f"\nwrote {os.path.join(args.out, 'results.json')}")
+    write_results(args, results, table(results))
 
 
 if __name__ == "__main__":

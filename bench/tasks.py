@@ -30,7 +30,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
-from compare import bench_parser, cells, run_one  # noqa: E402
+from compare import bench_parser, cells, run_one, write_results  # noqa: E402
 
 from ds_autofreeze.data import imdb_split  # noqa: E402
 
@@ -115,12 +115,7 @@ def main() -> None:
         # max_seq_length comes from the task's settings (the later flag wins in argparse).
         extra = ["--task", task, "--train_file", train, "--validation_file", dev, *launch_args]
         results[task] = {name: run_one(f"{task}-{name}", config, args, extra=extra) for name, config in RUNS.items()}
-    md = table(results)
-    print("\n" + md)
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"command": " ".join(sys.argv), "settings": vars(args), "results": results, "table": md}, f,
-                  indent=1)
-    print(f"\nwrote {os.path.join(args.out, 'results.json')}")
+    write_results(args, results, table(results))
 
 
 if __name__ == "__main__":
