@@ -15,7 +15,7 @@ import json
 import os
 import tempfile
 
-from compare import RUNS, bench_parser, run_one, table, write_results
+from compare import ROOT, RUNS, bench_parser, run_one, table, write_results
 
 
 def parse_schedule(text: str) -> list[dict]:
@@ -29,7 +29,7 @@ def parse_schedule(text: str) -> list[dict]:
 
 def schedule_config(entries: list[dict], directory: str, name: str) -> str:
     """configs/autofreeze_cache.json with its decider replaced by the schedule; the path written."""
-    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), RUNS["autofreeze+cache"])) as f:
+    with open(os.path.join(ROOT, RUNS["autofreeze+cache"])) as f:
         config = json.load(f)
     config["autofreeze"]["decider"] = {"name": "schedule", "schedule": entries}
     path = os.path.join(directory, f"{name}.json")

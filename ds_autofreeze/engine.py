@@ -160,10 +160,11 @@ class AutoFreezeEngine(DeepSpeedEngine):
         model_inputs = {name: v for name, v in inputs.items() if name != "labels"}
         per = int(torch.Size(model_inputs["input_ids"].shape[1:-1]).numel())
         seq_len = model_inputs["input_ids"].shape[-1]
-        lengths = _unpadded_lengths(model_inputs.get("attention_mask")) if self.adapter.pad_rows_unread else None
         entries = self.cache.get(row_keys(ids, per))
         missing = sorted({j // per for j, e in enumerate(entries) if e is None})  # examples
         if missing:
+            mask = model_inputs.get("attention_mask")
+            lengths = _unpadded_lengths(mask) if self.adapter.pad_rows_unread and mask is not None else None
             prev_k, prev = self.cache.get_previous(row_keys([ids[j] for j in missing], per))
             prev = {j: prev[n * per:(n + 1) * per] for n, j in enumerate(missing)}
             from_prev = [j for j in missing if all(e is not None for e in prev[j])]
@@ -530,16 +531,17 @@ def initialize(args: Any = None,
     return engine, engine.optimizer, engine.training_dataloader, engine.lr_scheduler
 
 
-def _unpadded_lengths(attention_mask: Optional[torch.Tensor]) -> Optional[list[int]]:
+def _unpadded_lengths(attention_mask: torch.Tensor) -> list[int]:
     """Per row entering the blocks, the positions up to its last unmasked one (right padding
-    trimmed; a left-padded row keeps its full length). None without a mask."""
-    if attention_mask is None:
-        return None
+    trimmed; a left-padded row keeps its full length)."""
     mask = attention_mask.reshape(-1, attention_mask.shape[-1]) != 0
     trailing = mask.flip(-1).int().cumsum(-1).eq(0).sum(-1)
     return (mask.shape[-1] - trailing).clamp(min=1).tolist()
 
 
 def _padded(entries: list[torch.Tensor], seq_len: int, device: torch.device) -> torch.Tensor:
-    """Stack (L, H) entries into (rows, seq_len, H), zeros past each L."""
-    return torch.stack([torch.nn.functional.pad(e.to(device), (0, 0, 0, seq_len - e.shape[0])) for e in entries])
+    """Stack (L, H) entries into (rows, seq_len, H), zeros past each L: one copy per entry."""
+    out = torch.zeros(len(entries), seq_len, *entries[0].shape[1:], dtype=entries[0].dtype, device=device)
+    for row, e in enumerate(entries):
+        out[row, :e.shape[0]] = e
+    return out
