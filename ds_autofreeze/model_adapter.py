@@ -1,9 +1,10 @@
 """Splits a Hugging Face model into embeddings, an ordered list of blocks, and the rest.
 
-The freezing unit is a block; block 0 takes the embeddings with it. Everything that is neither
-embeddings nor a block (pooler, final norm, task head) is never frozen. Layouts are written
-relative to the base model (``model.base_model``), so every task head of a family (sequence
-classification, question answering, multiple choice, conditional generation) shares one.
+The freezing unit is a block; block 0 takes the embeddings with it (and any module block 0 shares
+with the later blocks, such as MPNet's relative position bias table). Everything else (pooler,
+final norm, task head) is never frozen. Layouts are written relative to the base model
+(``model.base_model``), so every task head of a family (sequence classification, question
+answering, multiple choice, conditional generation) shares one.
 
 Encoder-decoder models (BART, T5): the blocks are the encoder's, in order; the decoder is never
 frozen. The decoder cross-attends to the encoder's final output in every block, so no decoder
@@ -17,6 +18,7 @@ head stay exactly Hugging Face's: the block list is swapped for its suffix ``blo
 the duration of the call and the hidden states entering block k are substituted by a
 pre-hook. The embedding modules are swapped for placeholders too: they would only compute an
 output that is discarded (and, under ZeRO-3, all-gather their weights every step to do so).
+Shared modules keep running: the trainable blocks still read what they compute.
 """
 from __future__ import annotations
 
@@ -39,6 +41,11 @@ class _Layout:
     # T5: block 0's self-attention computes the relative position bias the later blocks reuse;
     # a run starting past block 0 must be handed it.
     position_bias: Optional[str] = None
+    # Modules block 0 reads that the later blocks read too (MPNet's encoder computes one relative
+    # position bias from its table and hands it to every layer). They freeze with block 0, as
+    # block 0's output (what the cache stores) would go stale if they trained, but unlike the
+    # embeddings they are not skipped when running from a block: the trainable blocks need them.
+    shared_frozen: tuple[str, ...] = ()
 
 
 # model_type -> where its parts live, relative to model.base_model.
@@ -61,6 +68,7 @@ _LAYOUTS: dict[str, _Layout] = {
                   position_bias="layer.0.SelfAttention"),
     "mt5": _Layout(("encoder.embed_tokens",), "encoder.block", embedding_dropout=("encoder.dropout",),
                    position_bias="layer.0.SelfAttention"),
+    "mpnet": _Layout(("embeddings",), "encoder.layer", shared_frozen=("encoder.relative_attention_bias",)),
 }
 # MiniLM checkpoints (e.g. all-MiniLM-L6-v2) are model_type "bert".
 SUPPORTED_MODEL_TYPES = tuple(sorted(_LAYOUTS))
@@ -88,8 +96,8 @@ def _get(root: nn.Module, path: str) -> Optional[nn.Module]:
 class ModelAdapter:
     """Block view of a Hugging Face model (any task head of a supported family).
 
-    ``set_frozen(k)`` freezes embeddings + blocks[:k] (requires_grad off, eval mode: no dropout,
-    so a frozen block's output is a pure function of its input and can be cached).
+    ``set_frozen(k)`` freezes embeddings + shared modules + blocks[:k] (requires_grad off, eval
+    mode: no dropout, so a frozen block's output is a pure function of its input and can be cached).
     """
 
     def __init__(self, model: nn.Module):
@@ -109,6 +117,8 @@ class ModelAdapter:
         self._layout = layout
         self.blocks: list[nn.Module] = list(blocks)
         self.embeddings: list[nn.Module] = [m for m in (_get(self.base, p) for p in layout.embeddings) if m is not None]
+        self.shared_frozen: list[nn.Module] = [m for m in (_get(self.base, p) for p in layout.shared_frozen)
+                                               if m is not None]
         self.num_frozen = 0
         # Heads that read only unpadded positions (a pooled / last-token classifier per sequence or
         # choice; a decoder cross-attending with the encoder's mask): the hidden states of padding
@@ -125,10 +135,10 @@ class ModelAdapter:
         return list(self.blocks[index].parameters())
 
     def frozen_modules(self, num_frozen: int) -> list[nn.Module]:
-        return (self.embeddings + self.blocks[:num_frozen]) if num_frozen > 0 else []
+        return (self.embeddings + self.shared_frozen + self.blocks[:num_frozen]) if num_frozen > 0 else []
 
     def set_frozen(self, num_frozen: int) -> None:
-        """Freeze embeddings and blocks[:num_frozen]. The boundary only moves forward."""
+        """Freeze embeddings, shared modules and blocks[:num_frozen]. The boundary only moves forward."""
         if not 0 <= num_frozen < self.num_blocks + 1:
             raise ValueError(f"num_frozen={num_frozen} outside [0, {self.num_blocks}]")
         if num_frozen < self.num_frozen:

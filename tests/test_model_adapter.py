@@ -30,6 +30,9 @@ def build(family: str, layers: int = 4):
         return tf.LlamaForSequenceClassification(tf.LlamaConfig(
             vocab_size=100, num_hidden_layers=layers, num_key_value_heads=1, pad_token_id=0,
             max_position_embeddings=40, **SMALL))
+    if family == "mpnet":
+        return tf.MPNetForSequenceClassification(tf.MPNetConfig(vocab_size=100, num_hidden_layers=layers,
+                                                                max_position_embeddings=40, pad_token_id=1, **SMALL))
     raise ValueError(family)
 
 
@@ -42,7 +45,7 @@ def inputs():
     return {"input_ids": ids, "attention_mask": mask}
 
 
-FAMILIES = ["bert", "roberta", "electra", "distilbert", "gpt2", "llama"]
+FAMILIES = ["bert", "roberta", "electra", "distilbert", "gpt2", "llama", "mpnet"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -73,11 +76,12 @@ def test_adapter_freezes_embeddings_with_block_zero(family):
     model = build(family).train()
     adapter = ModelAdapter(model)
     adapter.set_frozen(2)
-    frozen = {id(p) for m in adapter.embeddings + adapter.blocks[:2] for p in m.parameters()}
+    prefix = adapter.embeddings + adapter.shared_frozen + adapter.blocks[:2]
+    frozen = {id(p) for m in prefix for p in m.parameters()}
     assert frozen
     for p in model.parameters():
         assert p.requires_grad == (id(p) not in frozen)
-    assert all(not m.training for m in adapter.embeddings + adapter.blocks[:2])
+    assert all(not m.training for m in prefix)
     assert all(m.training for m in adapter.blocks[2:])
     model.train()
     adapter.restore_frozen_eval()
@@ -183,7 +187,7 @@ def test_padding_rows_reach_the_loss_only_through_token_level_heads(kind):
     assert unchanged == adapter.pad_rows_unread == (kind != "bert-qa")
 
 
-@pytest.mark.parametrize("kind", ["bert-qa", "bert-mc", "bart", "t5"])
+@pytest.mark.parametrize("kind", ["bert-qa", "bert-mc", "bart", "t5", *(f"seq-{f}" for f in FAMILIES)])
 @pytest.mark.parametrize("start", [1, 2])
 def test_task_heads_run_from_block_k_exactly_in_training(kind, start):
     """Every task head: with blocks[:start] frozen, training from the frozen prefix's stored output
@@ -202,6 +206,28 @@ def test_task_heads_run_from_block_k_exactly_in_training(kind, start):
     # The frozen prefix (embeddings shared with a decoder included) got no gradient.
     frozen = {id(p) for m in adapter.frozen_modules(start) for p in m.parameters()}
     assert all(id(p) not in frozen for n, p in model.named_parameters() if n in full_grads)
+
+
+def test_mpnet_relative_position_bias_is_frozen_with_block_zero_and_still_read():
+    """MPNet's encoder turns one table into the position bias of every layer: block 0's output
+    (what the cache stores) depends on it, so it freezes with block 0, and the trainable blocks
+    read it, so running from block k must not skip it as it skips the embeddings."""
+    model, batch = task_model("seq-mpnet")
+    adapter = ModelAdapter(model)
+    table = model.mpnet.encoder.relative_attention_bias
+    assert table.weight.requires_grad
+    model.train()
+    adapter.set_frozen(2)
+    assert not table.weight.requires_grad and any(m is table for m in adapter.frozen_modules(1))
+    hidden = adapter.hidden_before(2, model_inputs(batch))
+    loss, _ = loss_and_grads(model, batch, lambda: adapter.run_from(2, hidden))
+    assert table.weight.grad is None  # so no optimizer step moves the cached prefix's output
+    with torch.no_grad():
+        table.weight.normal_()  # not a constant shift: the softmax would not see it
+    # Had it trained, the stored output would be stale; and the cached path reads its new value.
+    assert not torch.equal(adapter.hidden_before(2, model_inputs(batch)), hidden)
+    moved, _ = loss_and_grads(model, batch, lambda: adapter.run_from(2, hidden))
+    assert not torch.equal(moved, loss)
 
 
 def test_encoder_decoder_freezes_encoder_blocks_and_shared_embedding_only():
