@@ -20,6 +20,11 @@ Tiers, looked up in order:
   caller pads.
 - Past both budgets, or on any disk error: a miss, and the engine recomputes.
 
+Threads: the writer and the prefetcher, ended by ``close()`` (or leaving ``with ActivationCache(...)``),
+which writes what is queued first. Reads take no lock: the writer writes a chunk lock-free and
+holds its store's lock only to publish the entry (the manifest line), so a training step's read
+never waits for a disk write.
+
 Safety: an entry counts only once its manifest line (index + CRC32 of the bytes) is written,
 after the chunk itself (Zarr writes chunks to a temp file and renames). Reads verify the CRC,
 so torn or corrupted chunks are recomputed, never fed to the model. A full disk (ENOSPC) stops
@@ -106,7 +111,10 @@ class _DiskStore:
     """One boundary's Zarr array, shared by every rank that caches into the same directory, plus
     one append-only manifest per writer (``<index> <crc32> <rows>`` lines). Ranks write disjoint
     examples (their shards), so they never write the same chunk; a re-packed run reopens the
-    store and finds what every former rank wrote."""
+    store and finds what every former rank wrote.
+
+    One thread writes, any may read. Readers take no lock: an entry is in ``complete`` only once
+    its chunk is whole on disk (renamed into place), and a listed chunk is not rewritten."""
 
     def __init__(self, root: Path, name: str, writer: str, shape: Optional[tuple[int, ...]] = None,
                  dtype: Optional[torch.dtype] = None, compressed: bool = False):
@@ -144,6 +152,8 @@ class _DiskStore:
         self.dtype = dtype
         self.view_dtype = _STORAGE[dtype][1]
         self.bytes_used = sum(self.stored_bytes(self.complete[i][1]) for i in self._own)  # the budget is per rank
+        self.closed = False
+        self._lock = threading.Lock()  # the manifest file and ``closed``; never held while chunk data moves
 
     def _read_manifest(self, path: Path) -> dict[int, tuple[int, int]]:
         """index -> (crc32, rows stored) per ``<index> <crc32> <rows>`` line."""
@@ -161,22 +171,27 @@ class _DiskStore:
         return (rows if self.compressed else self.array.shape[1]) * self.row_bytes
 
     def write(self, index: int, value: np.ndarray) -> None:
-        """Store ``value`` (L, H) as the first L rows of entry ``index``."""
+        """Store ``value`` (L, H) as the first L rows of entry ``index``; a store closed meanwhile
+        does not list it."""
         crc = zlib.crc32(value.tobytes())
-        self.array[index, :len(value)] = value
+        self.array[index, :len(value)] = value  # no lock: readers never touch an unlisted chunk
         # The manifest line goes last: an entry without one (a crash mid-write) is never read.
-        self._manifest.write(f"{index} {crc} {len(value)}\n")
-        self._manifest.flush()
-        self.complete[index] = (crc, len(value))
+        with self._lock:
+            if self.closed:
+                return
+            self._manifest.write(f"{index} {crc} {len(value)}\n")
+            self._manifest.flush()
+            self.complete[index] = (crc, len(value))
         self._own.add(index)
         self.bytes_used += self.stored_bytes(len(value))
 
     def read(self, index: int) -> Optional[torch.Tensor]:
         """The entry (its stored rows), or None if it is absent; raises _CorruptEntry if its bytes
         fail the checksum or the codec."""
-        if index not in self.complete:
+        entry = self.complete.get(index)
+        if entry is None:
             return None
-        crc, rows = self.complete[index]
+        crc, rows = entry
         try:
             value = np.ascontiguousarray(self.array[index, :rows])
         except (RuntimeError, ValueError):  # a damaged compressed chunk fails in the codec
@@ -190,8 +205,11 @@ class _DiskStore:
         return tensor.view(self.dtype) if self.view_dtype is not None else tensor
 
     def close(self, delete: bool) -> None:
-        """With ``delete``: withdraw this writer's entries; the last writer out removes the array."""
-        self._manifest.close()
+        """With ``delete``: withdraw this writer's entries; the last writer out removes the array.
+        Closing twice is harmless."""
+        with self._lock:  # a write under way then lists nothing
+            self.closed = True
+            self._manifest.close()
         if delete:
             with _locked(self.root / f"{self.name}.lock"):
                 self.manifest_path.unlink(missing_ok=True)
@@ -217,7 +235,11 @@ class _CorruptEntry(Exception):
 
 
 class ActivationCache:
-    """Per-rank cache of the hidden states entering block ``boundary`` for each training example."""
+    """Per-rank cache of the hidden states entering block ``boundary`` for each training example.
+
+    Its two threads (disk writer, prefetcher) run until ``close()``; ``with ActivationCache(...) as
+    cache:`` closes on exit. ``put``, ``set_boundary``, ``plan_epoch`` and ``close`` belong to one
+    thread, the training loop's."""
 
     def __init__(self, config: CacheConfig, disk_dir: Optional[str], num_examples: int, data_fingerprint: str,
                  writer: str = "rank0"):
@@ -240,8 +262,9 @@ class ActivationCache:
             self._root = Path(disk_dir)
             self._root.mkdir(parents=True, exist_ok=True, mode=0o700)
             os.chmod(self._root, 0o700)
-        self._disk_lock = threading.RLock()
+        self._disk_lock = threading.Lock()  # which stores are open (_disk, _previous, _root); held for no chunk I/O
         self._writes_stopped = False
+        self._closed = False
         self._warned: set[str] = set()
         self._writes: queue.Queue = queue.Queue(maxsize=1024)
         self._order: list[list[int]] = []
@@ -249,8 +272,38 @@ class ActivationCache:
         self._staged: dict[int, torch.Tensor] = {}
         self._staged_lock = threading.Lock()
         self._prefetch_q: queue.Queue = queue.Queue()
-        for target, name in ((self._write_loop, "writer"), (self._prefetch_loop, "prefetch")):
-            threading.Thread(target=target, name=f"activation-cache-{name}", daemon=True).start()
+        # Daemons: a cache never closed does not keep the interpreter from exiting (its queued writes are lost).
+        self._threads = tuple(threading.Thread(target=target, name=f"activation-cache-{name}", daemon=True)
+                              for target, name in ((self._write_loop, "writer"), (self._prefetch_loop, "prefetch")))
+        for thread in self._threads:
+            thread.start()
+
+    def close(self) -> None:
+        """Write every queued entry to disk, then end the writer and prefetcher threads (joined).
+        A second call does nothing. Afterwards ``get`` serves the RAM tier only (everything else is
+        a miss, ``get_previous`` finds nothing), ``put`` raises RuntimeError, and the disk stores
+        stay on disk for the next cache over the same directory."""
+        if self._closed:
+            return
+        self.flush()
+        for requests in (self._writes, self._prefetch_q):
+            requests.put(None)  # each thread's last request: it returns
+        for thread in self._threads:
+            thread.join()
+        self._closed = True
+        with self._staged_lock:
+            self._staged.clear()
+        with self._disk_lock:
+            stores = [self._disk] + ([self._previous[1]] if self._previous else [])
+        for store in stores:  # kept referenced: manifest() still describes them
+            if store is not None:
+                store.close(delete=False)
+
+    def __enter__(self) -> "ActivationCache":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # ------------------------------------------------------------------ boundary and epochs
     def set_boundary(self, boundary: int, weights_fingerprint: str) -> None:
@@ -261,17 +314,19 @@ class ActivationCache:
         if name == self.store_name:
             return
         self.flush()
+        moved = boundary != self.boundary
+        if moved:
+            self._drop_previous()
+            self._epochs_since_move = 0
         with self._disk_lock:
-            if boundary != self.boundary:
-                self._drop_previous()
-                if self._disk is not None:
-                    self._previous = (self.boundary, self._disk)
-                self._epochs_since_move = 0
-            elif self._disk is not None:
-                self._disk.close(delete=False)
+            disk, self._disk = self._disk, None
+            if moved and disk is not None:
+                self._previous = (self.boundary, disk)
             self.boundary = boundary
             self.store_name = name
-            self._ram, self._ram_used, self._disk = OrderedDict(), 0, None
+            self._ram, self._ram_used = OrderedDict(), 0
+        if not moved and disk is not None:
+            disk.close(delete=False)
         with self._staged_lock:
             self._staged.clear()
 
@@ -297,15 +352,15 @@ class ActivationCache:
             self._staged.clear()
         self._epochs_since_move += 1
         if self._epochs_since_move >= 2:  # a whole epoch ran at the new boundary: all of it is stored
-            with self._disk_lock:
-                self._drop_previous()
+            self._drop_previous()
         for j in range(min(self.config.prefetch_depth, len(self._order))):
-            self._prefetch_q.put((self.boundary, self._order[j]))
+            self._request_prefetch(self._order[j])
 
     def _drop_previous(self) -> None:
-        if self._previous is not None:
-            self._previous[1].close(delete=True)
-            self._previous = None
+        with self._disk_lock:
+            previous, self._previous = self._previous, None
+        if previous is not None:
+            previous[1].close(delete=True)  # outside the lock: removing a store's files takes a while
 
     # ------------------------------------------------------------------ lookups
     def get(self, indices: Sequence[int]) -> list[Optional[torch.Tensor]]:
@@ -317,8 +372,7 @@ class ActivationCache:
 
     def get_previous(self, indices: Sequence[int]) -> tuple[int, list[Optional[torch.Tensor]]]:
         """Entries at the previous boundary, to run only the newly frozen blocks from: (boundary, entries)."""
-        with self._disk_lock:
-            previous = self._previous
+        previous = None if self._closed else self._previous
         if previous is None:
             return 0, [None] * len(indices)
         out = [self._read_disk(previous[1], i) for i in indices]
@@ -349,21 +403,23 @@ class ActivationCache:
 
     def _read_disk(self, disk: _DiskStore, index: int) -> Optional[torch.Tensor]:
         try:
-            with self._disk_lock:
-                return disk.read(index)
+            return disk.read(index)
         except _CorruptEntry:
             self.stats.corrupt += 1
             self._warn_once("corrupt", f"activation cache: entry {index} is damaged (checksum or codec); recomputing "
                                        "(further corrupt entries are counted, not reported)")
         except Exception as err:  # a vanished directory, a truncated file: recompute, never crash
-            self._disk_failed(err)
+            if not disk.closed:  # else the store was dropped during the read: a miss, the disk is fine
+                self._disk_failed(err)
         return None
 
     # ------------------------------------------------------------------ inserts
     def put(self, indices: Sequence[int], hidden: torch.Tensor, lengths: Optional[Sequence[int]] = None) -> None:
         """Store hidden states (B, T, H) entering block ``boundary`` for these examples; with
         ``lengths``, only each row's first ``lengths[row]`` positions (the rest is padding the
-        model never reads)."""
+        model never reads). Raises RuntimeError after ``close()``."""
+        if self._closed:
+            raise RuntimeError("ActivationCache.put after close(): the cache stores nothing any more")
         hidden = hidden.detach().to("cpu")
         # Decides the disk layout when this batch creates the boundary's store: compressed chunks
         # read ~40% slower cold with 3% padding (IMDb at 128 tokens) and faster with 46% (at 512).
@@ -396,7 +452,13 @@ class ActivationCache:
     # ------------------------------------------------------------------ disk store and threads
     def _disk_store(self, create: Optional[tuple[tuple[int, ...], torch.dtype, bool]] = None) -> Optional[_DiskStore]:
         """This boundary's store: open if a run left it (same data and weights), else create it
-        when there is something to write (``create``: an entry's full shape, dtype, compressed)."""
+        when there is something to write (``create``: an entry's full shape, dtype, compressed).
+        None after ``close()``."""
+        if self._closed:
+            return None
+        disk = self._disk
+        if disk is not None:  # the common case takes no lock
+            return disk
         with self._disk_lock:
             if self._disk is None and self._root is not None and self.store_name is not None:
                 exists = (self._root / f"{self.store_name}.zarr" / "zarr.json").exists()
@@ -409,19 +471,18 @@ class ActivationCache:
             return self._disk
 
     def _write_loop(self) -> None:
-        while True:
-            boundary, index, value, shape, compressed = self._writes.get()
+        while (item := self._writes.get()) is not None:
+            boundary, index, value, shape, compressed = item
             try:
                 if boundary != self.boundary:
                     continue  # the boundary moved on: this entry is no longer wanted
-                with self._disk_lock:
-                    disk = self._disk_store(create=(shape, value.dtype, compressed)) if self._root is not None else None
-                    if disk is None or index in disk.complete:
-                        continue
-                    if disk.bytes_used + disk.stored_bytes(len(value)) > self.config.disk_bytes:
-                        continue
-                    storage = value.view(disk.view_dtype) if disk.view_dtype is not None else value
-                    disk.write(index, storage.numpy())
+                disk = self._disk_store(create=(shape, value.dtype, compressed))
+                if disk is None or index in disk.complete:
+                    continue
+                if disk.bytes_used + disk.stored_bytes(len(value)) > self.config.disk_bytes:
+                    continue
+                storage = value.view(disk.view_dtype) if disk.view_dtype is not None else value
+                disk.write(index, storage.numpy())
             except OSError as err:
                 if err.errno != errno.ENOSPC:
                     self._disk_failed(err)
@@ -434,24 +495,30 @@ class ActivationCache:
                 self._disk_failed(err)
             finally:
                 self._writes.task_done()
+        self._writes.task_done()  # close()'s stop request, so that a later flush() returns
 
     def _prefetch_loop(self) -> None:
-        while True:
-            boundary, batch = self._prefetch_q.get()
-            disk = self._disk_store() if boundary == self.boundary else None
+        while (batch := self._prefetch_q.get()) is not None:
+            disk = self._disk_store()
             for index in batch if disk is not None else ():
                 if index in self._ram or index not in disk.complete:
                     continue
                 value = self._read_disk(disk, index)
-                if value is not None and boundary == self.boundary:
-                    with self._staged_lock:
+                # Checked under the lock set_boundary clears the staging area under, after it names
+                # the new store: a value of a store left behind (boundary moved, weights reloaded) is dropped.
+                with self._staged_lock:
+                    if value is not None and disk.name == self.store_name:
                         self._staged[index] = value
 
     def _advance_prefetch(self) -> None:
         self._cursor += 1
         ahead = self._cursor + self.config.prefetch_depth - 1
         if self.config.prefetch_depth and ahead < len(self._order):
-            self._prefetch_q.put((self.boundary, self._order[ahead]))
+            self._request_prefetch(self._order[ahead])
+
+    def _request_prefetch(self, batch: list[int]) -> None:
+        if not self._closed:  # no thread serves requests after close()
+            self._prefetch_q.put(batch)
 
     def flush(self) -> None:
         """Wait until every queued write has reached the disk store."""
