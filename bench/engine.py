@@ -62,13 +62,13 @@ def worker(args: argparse.Namespace) -> None:
     from deepspeed import comm as dist
     from ds_autofreeze.comm_stats import CollectiveCounter
     torch.manual_seed(0)
-    engine, *_ = ds_autofreeze.initialize(model=_minilm(), config=_config(args.stage, args.micro))
+    engine, *_, af = ds_autofreeze.initialize(model=_minilm(), config=_config(args.stage, args.micro))
     engine.train()
     rows = []
     for boundary in BOUNDARIES:
         if boundary:
             dist.barrier()
-            engine.freeze_and_repartition(boundary)
+            af.freeze(boundary)
         trainable = [p for p in engine.module.parameters() if p.requires_grad]
         step_seconds, memory = [], {}
         for i in range(args.steps + 1):  # the first step warms up (and fills optimizer state)
@@ -77,11 +77,12 @@ def worker(args: argparse.Namespace) -> None:
             start = time.perf_counter()
             with CollectiveCounter() as comm:
                 engine.backward(engine(**batch).loss)
-                memory = engine.training_state_bytes()  # gradients are alive until the step
+                memory = af.training_state_bytes()  # gradients are alive until the step
                 engine.step()
+                af.after_step()
             if i:
                 step_seconds.append(time.perf_counter() - start)
-        memory.update({k: v for k, v in engine.training_state_bytes().items() if k != "gradients"})
+        memory.update({k: v for k, v in af.training_state_bytes().items() if k != "gradients"})
         numel = [getattr(p, "ds_numel", p.numel()) for p in trainable]  # ZeRO-3 holds partitions
         rows.append({"frozen_blocks": boundary, "trainable_params": sum(numel),
                      "trainable_grad_bytes": sum(n * p.element_size() for n, p in zip(numel, trainable)),
@@ -89,7 +90,7 @@ def worker(args: argparse.Namespace) -> None:
                      "param_allgather_bytes": comm.bytes["all_gather_into_tensor"],
                      "collective_calls": dict(comm.calls), "memory": memory,
                      "step_seconds": sum(step_seconds) / len(step_seconds),
-                     "repartition_seconds": engine.repartition_seconds[-1] if boundary else None})
+                     "repartition_seconds": af.repartition_seconds[-1] if boundary else None})
     if dist.get_rank() == 0:
         with open(args.worker_out, "w") as f:
             json.dump(rows, f, indent=1)
@@ -101,13 +102,13 @@ def repartition_time(model_fn, stage: int, seq: int) -> dict:
     import ds_autofreeze
     torch.manual_seed(0)
     model = model_fn()
-    engine, *_ = ds_autofreeze.initialize(model=model, config=_config(stage, 2))
+    engine, *_, af = ds_autofreeze.initialize(model=model, config=_config(stage, 2))
     engine.backward(engine(**_batch(2, seq, 0)).loss)
     engine.step()
     params = sum(p.numel() for p in model.parameters())
-    engine.freeze_and_repartition(4)
-    return {"params": params, "stage": stage, "repartition_seconds": engine.repartition_seconds[-1],
-            "trainable_after": engine.trainable_parameter_count()}
+    af.freeze(4)
+    return {"params": params, "stage": stage, "repartition_seconds": af.repartition_seconds[-1],
+            "trainable_after": af.trainable_parameter_count()}
 
 
 def part1(args: argparse.Namespace) -> dict:

@@ -1,13 +1,15 @@
 """ds_autofreeze: AutoFreeze (arXiv 2102.01386) on DeepSpeed.
 
-``ds_autofreeze.initialize`` mirrors ``deepspeed.initialize`` and returns an ``AutoFreezeEngine``
-that freezes a growing prefix of the model's blocks, configured by the ``"autofreeze"`` section
-of the DeepSpeed JSON.
+``ds_autofreeze.attach(engine, config)`` adds AutoFreeze to an engine ``deepspeed.initialize`` built
+(configured by the ``"autofreeze"`` section of the DeepSpeed JSON): it freezes a growing prefix of
+the model's blocks, removes them from the optimizer and the gradient traffic, and serves their
+output from the activation cache. ``ds_autofreeze.initialize`` is ``deepspeed.initialize`` + attach.
 """
+from .attach import AutoFreeze, attach, initialize
 from .config import AutoFreezeConfig, ConfigError, get_autofreeze_config
 from .deciders import DECIDERS, Decider, build_decider
-from .engine import AutoFreezeEngine, initialize
 from .model_adapter import SUPPORTED_MODEL_TYPES, ModelAdapter, UnsupportedModelError
 
-__all__ = ["AutoFreezeConfig", "AutoFreezeEngine", "ConfigError", "DECIDERS", "Decider", "ModelAdapter",
-           "SUPPORTED_MODEL_TYPES", "UnsupportedModelError", "build_decider", "get_autofreeze_config", "initialize"]
+__all__ = ["AutoFreeze", "AutoFreezeConfig", "ConfigError", "DECIDERS", "Decider", "ModelAdapter",
+           "SUPPORTED_MODEL_TYPES", "UnsupportedModelError", "attach", "build_decider", "get_autofreeze_config",
+           "initialize"]

@@ -28,13 +28,16 @@ class _DeciderBase(_ConfigModel):
     """The last ``min_trainable`` blocks are never frozen (the head never is)."""
 
 
-class GradNormConfig(_DeciderBase):
-    """The paper's rule: freeze the prefix of blocks whose gradient norm stopped changing."""
-    name: Literal["gradnorm"] = "gradnorm"
+class _IntervalDeciderBase(_DeciderBase):
     num_intervals: int = Field(10, ge=2)
     """Decisions per run: one every ``total_steps // num_intervals`` optimizer steps."""
     interval_steps: Optional[int] = Field(None, ge=1)
     """Optimizer steps between decisions; overrides ``num_intervals`` when set."""
+
+
+class GradNormConfig(_IntervalDeciderBase):
+    """The paper's rule: freeze the prefix of blocks whose gradient norm stopped changing."""
+    name: Literal["gradnorm"] = "gradnorm"
     percentile: float = Field(50.0, ge=0.0, le=100.0)
     """Threshold on the per-block gradient-norm change ratios of the trainable blocks."""
     max_ratio: Optional[float] = Field(None, gt=0.0)
@@ -43,6 +46,39 @@ class GradNormConfig(_DeciderBase):
     relative, freezes the slower half even while every block still changes a lot."""
     patience: int = Field(1, ge=1)
     """Consecutive decisions a block must qualify at before it freezes (1: the paper's rule)."""
+
+
+class SNRConfig(_IntervalDeciderBase):
+    """Freeze the prefix of blocks whose remaining learning is indistinguishable from gradient noise
+    (ds_autofreeze/deciders.py, docs/deciders.md)."""
+    name: Literal["snr"] = "snr"
+    num_intervals: int = Field(20, ge=2)
+    """Decisions per run (the signal and noise of each block are estimated over one interval)."""
+    estimator: Literal["moments", "adam"] = "moments"
+    """How the per-step signal-to-noise ratio is estimated: ``moments`` from the interval's summed
+    gradient and summed squared gradient norms, ``adam`` from Adam's first and second moments."""
+    z: float = Field(1.0, gt=0.0)
+    """A block is done when the signal-to-noise ratio of everything the rest of the run could still
+    add to it (per-step SNR x effective remaining steps) is below z^2."""
+    arm: float = Field(1.0, gt=0.0)
+    """A block can freeze only after one interval's summed gradient showed its signal: interval
+    SNR (K x per-step SNR) at least this. A block that never showed signal is not "converged" but
+    unmeasured (pure noise, too-short intervals), and stays trainable."""
+    patience: int = Field(2, ge=1)
+    """Consecutive decisions a block must be done at before it freezes."""
+
+
+class DriftConfig(_IntervalDeciderBase):
+    """Freeze the prefix of blocks whose output on a fixed probe set would change less than
+    ``tolerance`` over the rest of the run."""
+    name: Literal["drift"] = "drift"
+    num_intervals: int = Field(20, ge=2)
+    """Decisions per run (each measures every trainable block's output on the probe set)."""
+    tolerance: float = Field(0.02, gt=0.0)
+    """Largest relative change of a block's probe output, forecast over the remaining learning-rate
+    budget, at which it freezes."""
+    patience: int = Field(2, ge=1)
+    """Consecutive decisions a block must qualify at before it freezes."""
 
 
 class StaticConfig(_DeciderBase):
@@ -74,7 +110,8 @@ class ScheduleConfig(_DeciderBase):
         return self
 
 
-DeciderConfig = Annotated[Union[GradNormConfig, StaticConfig, ScheduleConfig], Field(discriminator="name")]
+DeciderConfig = Annotated[Union[GradNormConfig, SNRConfig, DriftConfig, StaticConfig, ScheduleConfig],
+                          Field(discriminator="name")]
 
 
 class CachePolicy(str, Enum):
@@ -149,6 +186,19 @@ class AutoFreezeConfig(_ConfigModel):
     """Re-packing onto another number of workers at freezes (launch/finetune.py runs only)."""
     log_freezes: bool = True
     """Print one line on rank 0 each time the boundary moves."""
+    replicate_frozen_weights: bool = True
+    """ZeRO-3: gather the frozen blocks' weights once, at the freeze, into a plain copy on every rank
+    and run the frozen prefix on it, so they leave the per-step all-gathers (cache or not). Costs
+    their full size on every rank (a 7B model in bf16 with two thirds frozen: about 9 GB); False
+    keeps them partitioned and gathered at every forward, as DeepSpeed does. No effect below ZeRO-3."""
+    log_statistics: bool = False
+    """Measure every per-block statistic (gradient moments, Adam's moments, probe drift) at each
+    decision of an interval decider and log them with it, whatever the decider reads (watch runs
+    for bench/decider_replay.py). Also keeps the last 8 intervals' gradient sums (8 x 4 bytes per
+    trainable parameter / world size) and probe outputs, so the log replays exactly at up to 8
+    times the interval."""
+    probe_examples: int = Field(64, ge=1)
+    """Training examples in the fixed probe set of the drift statistic (sharded over the ranks)."""
 
 
 def _format_error(err: ValidationError) -> str:

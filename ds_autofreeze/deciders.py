@@ -1,36 +1,46 @@
 """Freeze deciders: per-block statistics in, new frozen-prefix boundary out.
 
-A decider never touches the model or the optimizer; the engine feeds it and applies its answer.
-Each is registered by the ``name`` its config carries, so the JSON selects it from a closed set.
-Boundaries are counts of frozen blocks: ``k`` means blocks 0..k-1 (and the embeddings) are frozen.
+A decider never touches the model or the optimizer; the engine measures what it ``needs`` at its
+decision steps (``statistics.BlockStats``) and applies its answer. Each is registered by the
+``name`` its config carries, so the JSON selects it from a closed set. Boundaries are counts of
+frozen blocks: ``k`` means blocks 0..k-1 (and the embeddings) are frozen. Every decision is logged
+(``log``) with what it saw, so a run says why blocks froze when they did.
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import numpy as np
 
-from .config import ConfigError, GradNormConfig, ScheduleConfig, StaticConfig, _DeciderBase
+from .config import (ConfigError, DriftConfig, GradNormConfig, ScheduleConfig, SNRConfig, StaticConfig,
+                     _DeciderBase, _IntervalDeciderBase)
+from .statistics import BlockStats
 
 
 class Decider:
     """Base of all deciders. ``decide`` is called after every optimizer step."""
 
-    needs_grad_stats = False  # whether the engine must accumulate gradients for it
+    needs: frozenset[str] = frozenset()  # statistics read at decision steps: "grad", "adam", "drift"
 
-    def __init__(self, config: _DeciderBase, num_blocks: int, total_steps: Optional[int]):
+    def __init__(self, config: _DeciderBase, num_blocks: int, total_steps: Optional[int], warmup_steps: int = 0):
         self.config = config
         self.num_blocks = num_blocks
         self.total_steps = total_steps
+        self.warmup_steps = warmup_steps
         # The head is never frozen and neither are the last ``min_trainable`` blocks.
         self.max_frozen = max(0, num_blocks - config.min_trainable)
+        self.log: list[dict[str, Any]] = []
+
+    @property
+    def interval(self) -> Optional[int]:
+        """Optimizer steps between decisions that read statistics (None: decides from the step alone)."""
+        return None
 
     def is_decision_step(self, step: int) -> bool:
-        """Whether ``decide`` needs statistics at optimizer step ``step`` (1-based)."""
-        return False
+        return self.interval is not None and step > 0 and step % self.interval == 0
 
-    def decide(self, step: int, boundary: int, block_norms: Optional[Sequence[float]] = None) -> int:
+    def decide(self, step: int, boundary: int, stats: Optional[BlockStats] = None) -> int:
         """New boundary (>= ``boundary``) after optimizer step ``step``."""
         raise NotImplementedError
 
@@ -38,20 +48,74 @@ class Decider:
         return max(boundary, min(proposal, self.max_frozen))
 
     def state_dict(self) -> dict[str, Any]:
-        return {}
+        return {"name": self.config.name, "log": self.log}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
+        self.log = list(state.get("log", []))
 
 
-class GradNormDecider(Decider):
+class IntervalDecider(Decider):
+    """A decider that reads statistics every ``interval`` steps and freezes the prefix of blocks that
+    qualified at ``patience`` consecutive decisions (never during the learning-rate warmup)."""
+
+    config: _IntervalDeciderBase
+
+    def __init__(self, config: _IntervalDeciderBase, num_blocks: int, total_steps: Optional[int],
+                 warmup_steps: int = 0):
+        super().__init__(config, num_blocks, total_steps, warmup_steps)
+        if config.interval_steps is None and total_steps is None:
+            raise ConfigError("autofreeze.decider.num_intervals needs autofreeze.total_steps (launch/finetune.py "
+                              "and the Trainer callback fill it); or set decider.interval_steps")
+        self._interval = config.interval_steps or max(1, total_steps // config.num_intervals)
+        self.streak = [0] * num_blocks  # consecutive decisions each block qualified at
+
+    @property
+    def interval(self) -> int:
+        return self._interval
+
+    def decide(self, step: int, boundary: int, stats: Optional[BlockStats] = None) -> int:
+        if not self.is_decision_step(step):
+            return boundary
+        if stats is None:
+            raise ValueError(f"{self.config.name} needs statistics at step {step}")
+        record: dict[str, Any] = {"step": step, "stats": stats.to_json()}
+        self.log.append(record)
+        qualified = self.qualify(step, boundary, stats, record)
+        if qualified is None:
+            return boundary
+        for b in range(boundary, self.num_blocks):
+            self.streak[b] = self.streak[b] + 1 if qualified[b - boundary] else 0
+        new = boundary
+        if step > self.warmup_steps:
+            first_unqualified = next((b for b in range(boundary, self.num_blocks)
+                                      if self.streak[b] < self.config.patience), self.num_blocks)
+            new = self.clamp(boundary, first_unqualified)
+        else:
+            record["warmup"] = True
+        record["boundary"] = new
+        return new
+
+    def qualify(self, step: int, boundary: int, stats: BlockStats, record: dict[str, Any]) -> Optional[list[bool]]:
+        """Per trainable block (boundary..), whether it may freeze by this decision's statistics; None
+        to skip the decision (nothing changes, streaks are kept)."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "streak": self.streak}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.streak = list(state.get("streak", [0] * self.num_blocks))
+
+
+class GradNormDecider(IntervalDecider):
     """AutoFreeze's rule (arXiv 2102.01386, section 3.1).
 
     Every ``interval`` steps the engine hands in, per block, the L1 norm of the gradient summed
-    over the interval (all-reduced across ranks). The change ratio of block i is
-    |prev_i - cur_i| / prev_i; the threshold is the ``percentile`` of the ratios of the blocks
-    still trainable, and everything before the first trainable block whose ratio reaches the
-    threshold freezes. The first decision only records norms.
+    over the interval (over all ranks). The change ratio of block i is |prev_i - cur_i| / prev_i;
+    the threshold is the ``percentile`` of the ratios of the blocks still trainable, and
+    everything before the first trainable block whose ratio reaches the threshold freezes. The
+    first decision only records norms.
 
     Two guards, off by default (the paper's rule): ``max_ratio`` also requires a block's ratio to
     be small in absolute terms, and ``patience`` requires a block to qualify at that many
@@ -60,83 +124,155 @@ class GradNormDecider(Decider):
     intervals are dominated by batch noise) it freezes on chance.
     """
 
-    needs_grad_stats = True
+    needs = frozenset({"grad"})
+    config: GradNormConfig
 
-    def __init__(self, config: GradNormConfig, num_blocks: int, total_steps: Optional[int]):
-        super().__init__(config, num_blocks, total_steps)
-        if config.interval_steps is None and total_steps is None:
-            raise ConfigError("autofreeze.decider.num_intervals needs autofreeze.total_steps "
-                              "(launch/finetune.py fills it); or set decider.interval_steps")
-        self.interval = config.interval_steps or max(1, total_steps // config.num_intervals)
+    def __init__(self, config: GradNormConfig, num_blocks: int, total_steps: Optional[int], warmup_steps: int = 0):
+        # The paper decides from the first interval on, warmup or not.
+        super().__init__(config, num_blocks, total_steps, 0)
         self.prev_norms: Optional[list[float]] = None
-        # Every decision with what it saw (all-reduced norms, ratios, threshold), so a user can
-        # see why blocks froze when they did (launch/finetune.py writes it to all_results.json).
-        self.log: list[dict[str, Any]] = []
-        self.streak = [0] * num_blocks  # consecutive decisions each block qualified at
 
-    def is_decision_step(self, step: int) -> bool:
-        return step > 0 and step % self.interval == 0
-
-    def decide(self, step: int, boundary: int, block_norms: Optional[Sequence[float]] = None) -> int:
-        if not self.is_decision_step(step):
-            return boundary
-        if block_norms is None or len(block_norms) != self.num_blocks:
-            raise ValueError(f"gradnorm needs {self.num_blocks} block norms at step {step}")
-        cur = [float(x) for x in block_norms]
-        record: dict[str, Any] = {"step": step, "block_norms": [float(f"{x:.6g}") for x in cur]}
-        self.log.append(record)
+    def qualify(self, step: int, boundary: int, stats: BlockStats, record: dict[str, Any]) -> Optional[list[bool]]:
+        cur = [math.nan if x is None else float(x) for x in stats.grad_l1]
+        record["block_norms"] = [float(f"{x:.6g}") if math.isfinite(x) else None for x in cur]  # JSON has no NaN
         if not all(math.isfinite(cur[i]) for i in range(boundary, self.num_blocks)):
             # An overflowed or broken interval says nothing about convergence: skip it, and
             # keep comparing against the last good one.
             record["skipped"] = "non-finite norms"
-            return boundary
+            return None
         prev, self.prev_norms = self.prev_norms, cur
         if prev is None:
-            return boundary
+            return None
         trainable = range(boundary, self.num_blocks)
         # A block whose previous norm is zero has no meaningful ratio; it counts as changing.
         ratios = [abs(prev[i] - cur[i]) / prev[i] if prev[i] > 0 else math.inf for i in trainable]
         finite = [r for r in ratios if math.isfinite(r)]
         if not finite:
-            return boundary
+            return None
         threshold = float(np.percentile(finite, self.config.percentile))
         cap = self.config.max_ratio if self.config.max_ratio is not None else math.inf
-        for i, r in zip(trainable, ratios):
-            self.streak[i] = self.streak[i] + 1 if r < threshold and r <= cap else 0
-        first_changing = next((i for i in trainable if self.streak[i] < self.config.patience), self.num_blocks)
-        new = self.clamp(boundary, first_changing)
         # Per block; frozen blocks (and zero previous norms) have none.
         record.update(ratios=[None] * boundary + [float(f"{r:.4g}") if math.isfinite(r) else None for r in ratios],
-                      threshold=float(f"{threshold:.4g}"), boundary=new)
-        return new
+                      threshold=float(f"{threshold:.4g}"))
+        return [r < threshold and r <= cap for r in ratios]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"prev_norms": self.prev_norms, "log": self.log, "streak": self.streak}
+        return {**super().state_dict(), "prev_norms": self.prev_norms}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
         self.prev_norms = state["prev_norms"]
-        self.log = state.get("log", [])
-        self.streak = state.get("streak", [0] * self.num_blocks)
+
+
+class SNRDecider(IntervalDecider):
+    """Freeze a block once the rest of the run could not teach it anything distinguishable from noise.
+
+    Per block b, from one interval's statistics: the per-step signal-to-noise ratio
+    snr_b = ||mu_b||^2 / tr C_b of the global-batch gradient (``estimator`` ``moments``: the unbiased
+    estimates of ``BlockStats.signal`` / ``noise``; ``adam``: from Adam's bias-corrected moments,
+    rho = sum m^2 / sum v ~ (snr + c) / (snr + 1), c = (1 - b1) / (1 + b1)). Summed over the rest of
+    the run with its learning rates, the update the block would still receive has signal-to-noise
+    ratio R x snr_b, R = (sum lr)^2 / sum lr^2 over the remaining steps (``future_steps``). The block
+    is done when R x snr_b < z^2: what it could still learn would be drowned by noise.
+
+    A block qualifies only once armed: some interval's summed gradient must have shown its signal
+    (K x snr_b >= ``arm``). A block whose signal was never measurable (pure noise, intervals too short
+    for its noise level) is not known to have converged and stays trainable; this is what keeps the
+    rule from freezing on chance. Blocks freeze as a prefix after ``patience`` consecutive done
+    decisions, never during the learning-rate warmup.
+    """
+
+    config: SNRConfig
+
+    def __init__(self, config: SNRConfig, num_blocks: int, total_steps: Optional[int], warmup_steps: int = 0):
+        super().__init__(config, num_blocks, total_steps, warmup_steps)
+        self.needs = frozenset({"grad"} if config.estimator == "moments" else {"adam"})
+        self.armed = [False] * num_blocks
+
+    def snr(self, stats: BlockStats, block: int) -> Optional[float]:
+        if self.config.estimator == "moments":
+            s, n = stats.signal(block), stats.noise(block)
+            return s / n if s is not None and n is not None and n > 0 else None
+        return stats.adam_snr(block)
+
+    def qualify(self, step: int, boundary: int, stats: BlockStats, record: dict[str, Any]) -> Optional[list[bool]]:
+        future = stats.future_steps()
+        snrs = [self.snr(stats, b) for b in range(boundary, self.num_blocks)]
+        if future is None or any(s is None or not math.isfinite(s) for s in snrs):
+            record["skipped"] = "no signal-to-noise estimate" if future is not None else "no learning-rate schedule"
+            return None
+        window = stats.steps if self.config.estimator == "moments" else 1.0 / (1.0 - stats.adam_beta1)
+        for b, s in zip(range(boundary, self.num_blocks), snrs):
+            self.armed[b] = self.armed[b] or window * s >= self.config.arm
+        z2 = self.config.z ** 2
+        record.update(snr=[None] * boundary + [float(f"{s:.4g}") for s in snrs],
+                      future_steps=float(f"{future:.4g}"), armed=list(self.armed))
+        return [self.armed[b] and future * s < z2 for b, s in zip(range(boundary, self.num_blocks), snrs)]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "armed": self.armed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.armed = list(state.get("armed", [False] * self.num_blocks))
+
+
+class DriftDecider(IntervalDecider):
+    """Freeze a block once its output on a fixed probe set would move less than ``tolerance`` over
+    the rest of the run: the interval's relative output change d_b, scaled by the learning rate
+    still to come over the learning rate the interval used (a block moving steadily moves in
+    proportion to it), is below the tolerance. The probe has no batch noise; the same forecast
+    bounds how stale cached activations of the block would have become."""
+
+    needs = frozenset({"drift"})
+    config: DriftConfig
+
+    def __init__(self, config: DriftConfig, num_blocks: int, total_steps: Optional[int], warmup_steps: int = 0):
+        super().__init__(config, num_blocks, total_steps, warmup_steps)
+        self.prev_future_lr: Optional[float] = None
+
+    def qualify(self, step: int, boundary: int, stats: BlockStats, record: dict[str, Any]) -> Optional[list[bool]]:
+        prev, self.prev_future_lr = self.prev_future_lr, stats.future_lr_sum
+        drifts = [None if stats.drift is None else stats.drift[b] for b in range(boundary, self.num_blocks)]
+        if prev is None or stats.future_lr_sum is None or any(d is None for d in drifts):
+            return None
+        used = prev - stats.future_lr_sum
+        if used <= 0:
+            return None
+        forecast = [d * stats.future_lr_sum / used for d in drifts]
+        record["forecast"] = [None] * boundary + [float(f"{f:.4g}") for f in forecast]
+        return [f < self.config.tolerance for f in forecast]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "prev_future_lr": self.prev_future_lr}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.prev_future_lr = state.get("prev_future_lr")
 
 
 class StaticDecider(Decider):
     """The first ``num_frozen_blocks`` blocks are frozen before the first step and stay frozen."""
 
-    def __init__(self, config: StaticConfig, num_blocks: int, total_steps: Optional[int]):
-        super().__init__(config, num_blocks, total_steps)
+    config: StaticConfig
+
+    def __init__(self, config: StaticConfig, num_blocks: int, total_steps: Optional[int], warmup_steps: int = 0):
+        super().__init__(config, num_blocks, total_steps, warmup_steps)
         if config.num_frozen_blocks > self.max_frozen:
             raise ConfigError(f"autofreeze.decider.num_frozen_blocks={config.num_frozen_blocks} leaves fewer "
-                             f"than min_trainable={config.min_trainable} of {num_blocks} blocks trainable")
+                              f"than min_trainable={config.min_trainable} of {num_blocks} blocks trainable")
 
-    def decide(self, step: int, boundary: int, block_norms: Optional[Sequence[float]] = None) -> int:
+    def decide(self, step: int, boundary: int, stats: Optional[BlockStats] = None) -> int:
         return self.clamp(boundary, self.config.num_frozen_blocks)
 
 
 class ScheduleDecider(Decider):
     """Boundary ``num_frozen_blocks`` from step ``round(fraction * total_steps)`` on."""
 
-    def __init__(self, config: ScheduleConfig, num_blocks: int, total_steps: Optional[int]):
-        super().__init__(config, num_blocks, total_steps)
+    config: ScheduleConfig
+
+    def __init__(self, config: ScheduleConfig, num_blocks: int, total_steps: Optional[int], warmup_steps: int = 0):
+        super().__init__(config, num_blocks, total_steps, warmup_steps)
         if total_steps is None:
             raise ConfigError("autofreeze.decider.schedule needs autofreeze.total_steps (launch/finetune.py fills it)")
         for entry in config.schedule:
@@ -146,17 +282,19 @@ class ScheduleDecider(Decider):
                                  "blocks trainable")
         self.steps = [(round(e.fraction * total_steps), e.num_frozen_blocks) for e in config.schedule]
 
-    def decide(self, step: int, boundary: int, block_norms: Optional[Sequence[float]] = None) -> int:
+    def decide(self, step: int, boundary: int, stats: Optional[BlockStats] = None) -> int:
         due = [k for at, k in self.steps if step >= at]
         return self.clamp(boundary, max(due)) if due else boundary
 
 
 DECIDERS: dict[str, type[Decider]] = {
     "gradnorm": GradNormDecider,
+    "snr": SNRDecider,
+    "drift": DriftDecider,
     "static": StaticDecider,
     "schedule": ScheduleDecider,
 }
 
 
-def build_decider(config: _DeciderBase, num_blocks: int, total_steps: Optional[int]) -> Decider:
-    return DECIDERS[config.name](config, num_blocks, total_steps)
+def build_decider(config: _DeciderBase, num_blocks: int, total_steps: Optional[int], warmup_steps: int = 0) -> Decider:
+    return DECIDERS[config.name](config, num_blocks, total_steps, warmup_steps)

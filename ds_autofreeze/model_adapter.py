@@ -120,6 +120,7 @@ class ModelAdapter:
         self.shared_frozen: list[nn.Module] = [m for m in (_get(self.base, p) for p in layout.shared_frozen)
                                                if m is not None]
         self.num_frozen = 0
+        self._eval_hooks: dict[int, torch.utils.hooks.RemovableHandle] = {}
         # Heads that read only unpadded positions (a pooled / last-token classifier per sequence or
         # choice; a decoder cross-attending with the encoder's mask): the hidden states of padding
         # positions reach the loss only as masked keys, weighted by an exact zero, so the cache may
@@ -143,24 +144,51 @@ class ModelAdapter:
             raise ValueError(f"num_frozen={num_frozen} outside [0, {self.num_blocks}]")
         if num_frozen < self.num_frozen:
             raise ValueError(f"freezing is a prefix that only grows: {self.num_frozen} -> {num_frozen}")
-        for module in self.frozen_modules(num_frozen):
+        modules = list(self.frozen_modules(num_frozen))
+        for module in modules:
             for p in module.parameters():
                 p.requires_grad_(False)
                 p.grad = None
-            module.eval()
         if num_frozen > 0:
             for path in self._layout.embedding_dropout:
                 owner_path, _, name = path.rpartition(".")
                 owner = _get(self.base, owner_path)
                 if isinstance(getattr(owner, name), nn.Module):
-                    getattr(owner, name).eval()
+                    modules.append(getattr(owner, name))
                 else:
                     setattr(owner, name, 0.0)
+        for module in modules:
+            module.eval()
+            if id(module) not in self._eval_hooks:
+                # Whoever calls model.train() later (an engine, a Trainer), a frozen module runs in
+                # eval mode: its output must stay a pure function of its input.
+                self._eval_hooks[id(module)] = module.register_forward_pre_hook(_keep_eval)
         self.num_frozen = num_frozen
 
-    def restore_frozen_eval(self) -> None:
-        """Re-apply eval mode to the frozen prefix after a ``model.train()``."""
-        self.set_frozen(self.num_frozen)
+    @contextlib.contextmanager
+    def substituted(self, replacements: dict[int, nn.Module]) -> Iterator[None]:
+        """Within the context, each embedding, shared module or block whose id is a key of
+        ``replacements`` is replaced in the model by the module it maps to."""
+        swaps = []
+        for path in (*self._layout.embeddings, *self._layout.shared_frozen):
+            owner_path, _, name = path.rpartition(".")
+            owner = _get(self.base, owner_path)
+            module = getattr(owner, name, None)
+            if module is not None and id(module) in replacements:
+                swaps.append((owner, name, module, replacements[id(module)]))
+        blocks = _get(self.base, self._layout.blocks)
+        swapped = {i: b for i, b in enumerate(blocks) if id(b) in replacements}
+        for owner, name, _, replacement in swaps:
+            setattr(owner, name, replacement)
+        for i, original in swapped.items():
+            blocks[i] = replacements[id(original)]
+        try:
+            yield
+        finally:
+            for owner, name, original, _ in swaps:
+                setattr(owner, name, original)
+            for i, original in swapped.items():
+                blocks[i] = original
 
     @contextlib.contextmanager
     def run_from(self, start_block: int, hidden_states: torch.Tensor) -> Iterator[None]:
@@ -224,7 +252,9 @@ class ModelAdapter:
             if stop:
                 raise _StopForward
 
-        handle = self.blocks[block].register_forward_pre_hook(grab, with_kwargs=True)
+        # First among the block's pre-hooks: under ZeRO-3 the block's own weights are then never
+        # gathered just to stop here.
+        handle = self.blocks[block].register_forward_pre_hook(grab, with_kwargs=True, prepend=True)
         try:
             yield
         finally:
@@ -241,6 +271,11 @@ class _Placeholder(nn.Module):
 
     def forward(self, *args, **kwargs) -> torch.Tensor:
         return torch.zeros_like(self.like)
+
+
+def _keep_eval(module: nn.Module, _args: tuple) -> None:
+    if module.training:
+        module.eval()
 
 
 class _StopForward(Exception):

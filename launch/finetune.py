@@ -8,7 +8,8 @@ summarization (--task).
     deepspeed --num_gpus 1 launch/finetune.py --deepspeed_config configs/gpu/autofreeze_bf16.json \
         --model_name_or_path /models/bert-base-uncased --train_file train.csv --validation_file dev.csv
 
-Reads top to bottom: arguments, JSON config, data, model, ds_autofreeze.initialize, loop. The
+Reads top to bottom: arguments, JSON config, data, model, ds_autofreeze.initialize (deepspeed.initialize +
+attach), loop. The
 baseline is the same script with configs/full.json (no "autofreeze" section).
 """
 from __future__ import annotations
@@ -37,7 +38,7 @@ import ds_autofreeze  # noqa: E402
 from ds_autofreeze.config import AUTOFREEZE, ConfigError, get_autofreeze_config  # noqa: E402
 from ds_autofreeze.cache import ActivationCache, row_keys  # noqa: E402
 from ds_autofreeze.data import DataError, epoch_steps, rank_share  # noqa: E402
-from ds_autofreeze.engine import STATE_FILE, write_json  # noqa: E402
+from ds_autofreeze.checkpoint import STATE_FILE, write_json  # noqa: E402
 from ds_autofreeze.model_adapter import UnsupportedModelError  # noqa: E402
 from ds_autofreeze.packing import Repacker  # noqa: E402
 from ds_autofreeze.tasks import add_arguments as add_task_arguments, build_task  # noqa: E402
@@ -108,6 +109,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume_from_checkpoint", default=None,
                    help="a checkpoints directory (resumes its latest), one epoch's tag directory in it, "
                         "or 'latest' for <output_dir>/checkpoints")
+    p.add_argument("--save_strategy", choices=("epoch", "steps", "no"), default="epoch",
+                   help="checkpoint after every epoch, every --save_steps optimizer steps, or never (a re-pack "
+                        "always checkpoints)")
+    p.add_argument("--save_steps", type=float, default=None,
+                   help="optimizer steps between checkpoints (--save_strategy steps); below 1, a fraction of the run's "
+                        "steps (as in Hugging Face's TrainingArguments)")
     add_task_arguments(p)
     p.add_argument("--no_progress", action="store_true", help="no progress bar (logs only)")
     p.add_argument("--ddp_timeout", type=int, default=1800,
@@ -125,6 +132,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--{name} must be >= 1, got {value}")
     if args.deepspeed_config is None:
         p.error("--deepspeed_config is required (e.g. configs/autofreeze.json)")
+    if (args.save_strategy == "steps") != (args.save_steps is not None) or (args.save_steps or 1) <= 0 or \
+            (args.save_steps or 1) > 1 and not float(args.save_steps).is_integer():
+        p.error("--save_steps (an integer, or a fraction of the run below 1) goes with --save_strategy steps, and only "
+                "with it")
     return args
 
 
@@ -188,9 +199,9 @@ def param_groups(model: torch.nn.Module, weight_decay_off=("bias", "LayerNorm.we
     return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def stamp_freezes(engine, train_time: float) -> None:
+def stamp_freezes(af: ds_autofreeze.AutoFreeze, train_time: float) -> None:
     """Record when (in training seconds) each freeze happened, for the timeline plots."""
-    for event in engine.freeze_events:
+    for event in af.freeze_events:
         event.setdefault("train_time", round(train_time, 3))
 
 
@@ -253,14 +264,21 @@ def main(argv: list[str] | None = None) -> dict:
     state["total_steps"] = total_steps
     config = fill_auto(config, total_steps)
 
+    save_every = None
+    if args.save_strategy == "steps":
+        save_every = max(1, round(args.save_steps * total_steps) if args.save_steps < 1 else int(args.save_steps))
     args.deepspeed_config = None  # the resolved dict goes in as config=
-    engine, _, _, _ = ds_autofreeze.initialize(args=args, model=model, model_parameters=param_groups(model),
-                                               config=config)
-    autofreeze = engine.autofreeze_config
+    engine, _, _, _, af = ds_autofreeze.initialize(args=args, model=model, model_parameters=param_groups(model),
+                                                   config=config)
+    autofreeze = af.config
     if autofreeze.enabled and autofreeze.cache.enabled:
         disk_dir = autofreeze.cache.disk_dir or os.path.join(args.output_dir, "activation_cache")
-        engine.attach_cache(ActivationCache(autofreeze.cache, disk_dir, len(train_set) * train_set.rows_per_example,
+        af.attach_cache(ActivationCache(autofreeze.cache, disk_dir, len(train_set) * train_set.rows_per_example,
                                             data_fingerprint=train_set.fingerprint(), writer=f"rank{rank}"))
+    if af.controller is not None and "drift" in af.controller.measure:
+        # A fixed probe set, the first training examples, sharded evenly over the ranks.
+        probe = list(range(min(autofreeze.probe_examples, len(train_set)) // world * world))[rank::world]
+        af.set_probe({k: v.to(engine.device) for k, v in train_set.batch(probe).items() if k != "labels"})
     repacker = None
     if autofreeze.enabled and autofreeze.packing.mode.value != "off":
         if engine.zero_optimization_partition_weights():
@@ -271,15 +289,15 @@ def main(argv: list[str] | None = None) -> dict:
                               "the re-packed run (or set packing.mode 'off')")
         # Per-block forward times are measured on one micro-batch.
         sample = {k: v.to(engine.device) for k, v in train_set.batch(list(range(micro))).items()}
-        repacker = Repacker(autofreeze.packing, model, engine.adapter, per_rank * world, args.max_seq_length, world,
-                            cached_prefix=engine.cache is not None, started_world=state["launch_world"],
+        repacker = Repacker(autofreeze.packing, model, af.adapter, per_rank * world, args.max_seq_length, world,
+                            cached_prefix=af.cache is not None, started_world=state["launch_world"],
                             profile_batch=sample)
     is_main = engine.global_rank == 0
     say = (lambda *a: print(*a, flush=True)) if is_main else (lambda *a: None)
-    say(f"{task.name}: model {model_path} ({engine.num_blocks} blocks, {sum(p.numel() for p in model.parameters()):,} "
+    say(f"{task.name}: model {model_path} ({af.num_blocks} blocks, {sum(p.numel() for p in model.parameters()):,} "
         f"params), train {len(train_set)} / eval {eval_set.num_examples} examples, {world} rank(s) x {micro} x {accum} accumulation, "
         f"{total_steps} steps, autofreeze "
-        f"{'on: ' + autofreeze.decider.name if engine.decider else 'off'}"
+        f"{'on: ' + autofreeze.decider.name if af.decider else 'off'}"
         f"{', packing ' + autofreeze.packing.mode.value if repacker else ''}")
 
     ckpt_dir = os.path.join(args.output_dir, CHECKPOINT_DIR)
@@ -287,61 +305,67 @@ def main(argv: list[str] | None = None) -> dict:
         _, client_state = engine.load_checkpoint(os.path.dirname(resume_dir), tag=os.path.basename(resume_dir))
         torch.set_rng_state(client_state["torch_rng"])
         say(f"resumed from {resume_dir} at epoch {state['epoch'] + 1}, step {engine.global_steps} "
-            f"({engine.num_frozen_blocks} blocks frozen)")
+            f"({af.num_frozen_blocks} blocks frozen)")
 
     def save(tag: str, **position) -> str:
         """A checkpoint the loop can continue from: engine state, then the loop's position."""
-        state.update(position)
         tag_dir = os.path.join(ckpt_dir, tag)
         if is_main:
             os.makedirs(tag_dir, exist_ok=True)
-            write_json(os.path.join(tag_dir, LAUNCH_STATE), state)  # before 'latest' names the tag
+            write_json(os.path.join(tag_dir, LAUNCH_STATE), {**state, **position})  # before 'latest' names the tag
         engine.save_checkpoint(ckpt_dir, tag=tag, client_state={"torch_rng": torch.get_rng_state()})
         return tag_dir
 
     trace = open_trace(args, world, rank) if args.trace_examples else None
     engine.train()
-    stamp_freezes(engine, state["train_time"])  # a static decider froze before the first step
+    stamp_freezes(af, state["train_time"])  # a static decider froze before the first step
     for epoch in range(state["epoch"], args.num_train_epochs):
         # An epoch a re-pack interrupted finishes with the global batches it started with.
         layout = state["epoch_layout"] if epoch == state["epoch"] and state["epoch_layout"] else (world, per_rank)
         steps = epoch_steps(len(train_set), args.seed, epoch, *layout)
         first = state["step_in_epoch"] if epoch == state["epoch"] else 0
         mine = [rank_share(step, world, rank) for step in steps]
-        if engine.cache is not None:
-            engine.cache.plan_epoch([row_keys(ids[j:j + micro], train_set.rows_per_example)
+        if af.cache is not None:
+            af.cache.plan_epoch([row_keys(ids[j:j + micro], train_set.rows_per_example)
                                      for ids in mine[first:] for j in range(0, per_rank, micro)])
         bar = tqdm(total=len(steps), initial=first, desc=f"epoch {epoch + 1}/{args.num_train_epochs}", unit="step",
                    disable=not is_main or args.no_progress, dynamic_ncols=True, file=sys.stdout)
         epoch_start = time.perf_counter()
         for t in range(first, len(steps)):
-            step_start, frozen_before = time.perf_counter(), engine.num_frozen_blocks
+            step_start, frozen_before = time.perf_counter(), af.num_frozen_blocks
             for j in range(0, per_rank, micro):
                 ids = mine[t][j:j + micro]
                 batch = {k: v.to(engine.device) for k, v in train_set.batch(ids).items()}
                 loss = engine(**batch, example_ids=torch.tensor(ids)).loss
                 engine.backward(loss)
                 engine.step()
+                af.after_step()
                 state["loss_sum"], state["loss_count"] = state["loss_sum"] + loss.item(), state["loss_count"] + 1
             now = time.perf_counter()
-            stamp_freezes(engine, state["train_time"] + now - epoch_start)
+            stamp_freezes(af, state["train_time"] + now - epoch_start)
             if trace is not None:
                 trace.write(json.dumps({"epoch": epoch, "step": engine.global_steps, "ids": mine[t]}) + "\n")
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}", frozen=f"{engine.num_frozen_blocks}/{engine.num_blocks}")
+            bar.set_postfix(loss=f"{loss.item():.4f}", frozen=f"{af.num_frozen_blocks}/{af.num_blocks}")
+            if save_every and engine.global_steps % save_every == 0 and t + 1 < len(steps):
+                saving = time.perf_counter()
+                spent = saving - epoch_start
+                save(f"step{engine.global_steps}", epoch=epoch, step_in_epoch=t + 1, epoch_layout=list(layout),
+                     train_time=state["train_time"] + spent, worker_seconds=state["worker_seconds"] + world * spent)
+                epoch_start += time.perf_counter() - saving  # checkpointing is not training time
             if repacker is None:
                 continue
-            if engine.num_frozen_blocks == frozen_before:
+            if af.num_frozen_blocks == frozen_before:
                 repacker.record_step(now - step_start)
                 continue
-            plan = repacker.on_freeze(frozen_before, engine.num_frozen_blocks, total_steps - engine.global_steps,
+            plan = repacker.on_freeze(frozen_before, af.num_frozen_blocks, total_steps - engine.global_steps,
                                       state["train_time"] + now - epoch_start, world, micro, accum)
             if plan is None or t + 1 == len(steps) and epoch + 1 == args.num_train_epochs:
                 continue
             bar.close()
             spent = time.perf_counter() - epoch_start
             state["train_time"], state["worker_seconds"] = state["train_time"] + spent, state["worker_seconds"] + world * spent
-            state["repacks"].append({"step": engine.global_steps, "frozen_blocks": engine.num_frozen_blocks,
+            state["repacks"].append({"step": engine.global_steps, "frozen_blocks": af.num_frozen_blocks,
                                      "from_workers": world, **plan.as_dict()})
             say(f"[packing] step {engine.global_steps}: {world} -> {plan.workers} worker(s), micro-batch "
                 f"{plan.micro_batch} x {plan.accumulation} accumulation (estimated {plan.step_seconds:.2f}s/step)")
@@ -359,10 +383,12 @@ def main(argv: list[str] | None = None) -> dict:
         state["history"].append({"epoch": epoch + 1, "step": engine.global_steps, "world_size": world,
                                  "train_time": round(state["train_time"], 3), **scores,
                                  "eval_seconds": round(time.perf_counter() - eval_start, 3),
-                                 "frozen_blocks": engine.num_frozen_blocks, "train_loss": train_loss})
+                                 "frozen_blocks": af.num_frozen_blocks, "train_loss": train_loss})
         say(f"epoch {epoch + 1}: {', '.join(f'{k} {v:.4f}' for k, v in scores.items())}, train_loss {train_loss:.4f}, "
-            f"frozen {engine.num_frozen_blocks}/{engine.num_blocks}, train time {state['train_time']:.1f}s")
-        save(f"epoch{epoch + 1}", epoch=epoch + 1, step_in_epoch=0, epoch_layout=None)
+            f"frozen {af.num_frozen_blocks}/{af.num_blocks}, train time {state['train_time']:.1f}s")
+        if args.save_strategy == "epoch" or save_every and engine.global_steps % save_every == 0:
+            save(f"epoch{epoch + 1}" if args.save_strategy == "epoch" else f"step{engine.global_steps}",
+                 epoch=epoch + 1, step_in_epoch=0, epoch_layout=None)
     if trace is not None:
         trace.close()
 
@@ -375,31 +401,34 @@ def main(argv: list[str] | None = None) -> dict:
         "train_runtime": round(state["train_time"], 3),
         "train_steps": engine.global_steps,
         "train_samples_per_second": round(engine.global_steps * per_rank * world / max(state["train_time"], 1e-9), 3),
-        "freeze_events": engine.freeze_events,
-        "decisions": getattr(engine.decider, "log", None),  # gradnorm: what each decision saw
-        "final_frozen_blocks": engine.num_frozen_blocks,
-        "num_blocks": engine.num_blocks,
-        "trainable_params": engine.trainable_parameter_count(),
+        "freeze_events": af.freeze_events,
+        "decisions": af.decider.log if af.decider is not None else None,  # what each decision saw
+        "final_frozen_blocks": af.num_frozen_blocks,
+        "num_blocks": af.num_blocks,
+        "trainable_params": af.trainable_parameter_count(),
         "world_size": world,
         "repacks": state["repacks"],
         "worker_seconds": round(state["worker_seconds"], 3),  # ranks x training seconds, across re-packs
-        "cache": engine.cache.manifest() if engine.cache is not None else None,
+        "cache": af.cache.manifest() if af.cache is not None else None,
         "epochs": history,
         "config": config_path,
     }
     if is_main:
         os.makedirs(args.output_dir, exist_ok=True)
         write_json(os.path.join(args.output_dir, "all_results.json"), results)
-        events = ", ".join(f"step {e['step']} -> {e['frozen_blocks']}" for e in engine.freeze_events) or "none"
+        events = ", ".join(f"step {e['step']} -> {e['frozen_blocks']}" for e in af.freeze_events) or "none"
         lines = [f"  {k:<20} {results[k]}" for k in (*metrics, "train_loss", "train_runtime", "train_steps",
                                                      "final_frozen_blocks", "trainable_params")]
-        if engine.cache is not None:
-            stats = engine.cache.stats
+        if af.cache is not None:
+            stats = af.cache.stats
             lines.append(f"  {'cache':<20} hit rate {stats.hit_rate:.3f} (RAM {stats.ram_hits}, disk {stats.disk_hits}, "
                          f"miss {stats.misses}), stall {stats.stall_seconds:.1f}s")
         if state["repacks"]:
             lines.append(f"  {'repacks':<20} " + ", ".join(f"step {r['step']}: {r['from_workers']} -> {r['workers']}"
                                                             for r in state["repacks"]))
+        if af.decider is not None and af.decider.interval is not None and not af.freeze_events:
+            events += (f" ({af.decider.config.name}: no decision found a block safe to freeze; each decision's "
+                       "statistics are in all_results.json)")
         say("\n".join(["summary:", *lines, f"  {'freeze_events':<20} {events}",
                        f"  results written to {os.path.join(args.output_dir, 'all_results.json')}"]))
     return results

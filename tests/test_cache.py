@@ -1,10 +1,12 @@
 """Activation cache: tiers, policies, exactness against the uncached path, and faults."""
+import asyncio
 import os
 import signal
 import stat
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import warnings
 
@@ -25,10 +27,25 @@ def value(i: int) -> torch.Tensor:
     return torch.arange(24, dtype=torch.float32).reshape(ENTRY) + 1000 * i
 
 
+OPENED: list[ActivationCache] = []  # closed after each test, so no test leaves threads behind
+
+
+@pytest.fixture(autouse=True)
+def close_caches():
+    yield
+    while OPENED:
+        OPENED.pop().close()
+
+
+def new_cache(*args, **kwargs) -> ActivationCache:
+    OPENED.append(ActivationCache(*args, **kwargs))
+    return OPENED[-1]
+
+
 def make_cache(tmp_path=None, **cfg) -> ActivationCache:
     cfg.setdefault("enabled", True)
-    cache = ActivationCache(CacheConfig(**cfg), str(tmp_path) if tmp_path else None, num_examples=64,
-                            data_fingerprint="data")
+    cache = new_cache(CacheConfig(**cfg), str(tmp_path) if tmp_path else None, num_examples=64,
+                      data_fingerprint="data")
     cache.set_boundary(2, "weights")
     return cache
 
@@ -95,6 +112,33 @@ def test_cache_prefetch_stages_the_planned_batches(tmp_path):
     assert cache.stats.disk_hits == 8 and cache.stats.sync_reads == 0
 
 
+@pytest.mark.parametrize("boundary, weights", [(3, "weights3"), (2, "reloaded")])
+def test_cache_prefetch_never_stages_an_entry_of_a_store_left_behind(tmp_path, monkeypatch, boundary, weights):
+    """The boundary moves (or the frozen weights are reloaded at the same one) while the
+    prefetcher reads an entry of the old store: that value must not be staged, or the next step
+    would be fed hidden states the model no longer computes."""
+    from ds_autofreeze import cache as cache_mod
+    cache = make_cache(tmp_path, ram_bytes=0, prefetch_depth=1)
+    fill(cache, [1])
+    real_read = cache_mod._DiskStore.read
+    reading, moved = threading.Event(), threading.Event()
+
+    def read_then_wait(self, index):
+        value = real_read(self, index)
+        if threading.current_thread() is cache._threads[1]:
+            reading.set()
+            moved.wait(10)
+        return value
+    monkeypatch.setattr(cache_mod._DiskStore, "read", read_then_wait)
+    cache.plan_epoch([[1]])
+    assert reading.wait(10)
+    cache.set_boundary(boundary, weights)
+    moved.set()
+    cache._prefetch_q.put(None)  # the prefetcher finishes the batch and returns
+    cache._threads[1].join(10)
+    assert not cache._staged and cache.get([1]) == [None]
+
+
 def test_cache_half_precision_is_bit_exact_on_disk(tmp_path):
     cache = make_cache(tmp_path, ram_bytes=0, prefetch_depth=0)
     x = torch.randn(3, *ENTRY).to(torch.bfloat16)
@@ -117,11 +161,76 @@ def test_cache_files_private_and_raw(tmp_path):
     assert "pickle" not in source.replace("No pickle", "") and "torch.load" not in source
 
 
+def slow_chunk_writes(monkeypatch, seconds: float) -> threading.Event:
+    """Every chunk file the Zarr store writes takes ``seconds`` more (as on a slow disk);
+    the event is set once a write is under way."""
+    from ds_autofreeze import cache as cache_mod
+    real_set = cache_mod._PrivateStore._set
+    writing = threading.Event()
+
+    async def slow_set(self, key, value, exclusive=False):
+        if key.startswith("c/"):
+            writing.set()
+            await asyncio.sleep(seconds)  # the write's I/O, not Zarr's event loop, is what is slow
+        await real_set(self, key, value, exclusive=exclusive)
+    monkeypatch.setattr(cache_mod._PrivateStore, "_set", slow_set)
+    return writing
+
+
+def cache_threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.name.startswith("activation-cache-")}
+
+
+def test_cache_close_flushes_then_ends_its_threads(tmp_path, monkeypatch):
+    before = cache_threads()
+    cache = make_cache(tmp_path, ram_bytes=4 * ENTRY_BYTES)
+    assert cache_threads() - before == set(cache._threads)
+    assert sorted(t.name for t in cache._threads) == ["activation-cache-prefetch", "activation-cache-writer"]
+    slow_chunk_writes(monkeypatch, 0.02)
+    cache.put(list(range(12)), torch.stack([value(i) for i in range(12)]))
+    cache.plan_epoch([[0, 1], [5, 6]])
+    assert cache._writes.unfinished_tasks > 0  # close() finds writes still queued
+    cache.close()
+    assert not any(t.is_alive() for t in cache._threads) and cache_threads() <= before
+    cache.close()  # a second close does nothing
+    cache.flush()
+    got = cache.get(list(range(12)))  # RAM still serves; the rest is a miss
+    assert all(torch.equal(got[i], value(i)) for i in range(4)) and all(g is None for g in got[4:])
+    assert cache.get_previous([5]) == (0, [None]) and cache.manifest()["disk_entries"] == 12
+    with pytest.raises(RuntimeError, match="after close"):
+        cache.put([20], value(20)[None])
+    with make_cache(tmp_path, ram_bytes=0, prefetch_depth=0) as reopened:  # nothing put before close was lost
+        got = reopened.get(list(range(12)))
+        assert all(torch.equal(got[i], value(i)) for i in range(12))
+    assert not any(t.is_alive() for t in reopened._threads) and cache_threads() <= before
+
+
+def test_cache_reads_do_not_wait_for_a_write_in_progress(tmp_path, monkeypatch):
+    """A step reading stored entries (this boundary's and the previous one's) while the writer
+    is in the middle of a slow chunk write gets them at once, not after the write."""
+    cache = make_cache(tmp_path, ram_bytes=0, prefetch_depth=0)
+    fill(cache, [1, 2])
+    cache.set_boundary(3, "weights3")
+    fill(cache, [1, 2])
+    seconds = 2.0
+    writing = slow_chunk_writes(monkeypatch, seconds)
+    cache.put([3], value(3)[None])
+    assert writing.wait(10)
+    start = time.perf_counter()
+    got, (previous, got_previous) = cache.get([1, 2]), cache.get_previous([1, 2])
+    elapsed = time.perf_counter() - start
+    assert elapsed < 0.3 * seconds, f"reads of stored entries waited {elapsed:.2f} s for a write"
+    assert cache._writes.unfinished_tasks == 1  # the write was still under way
+    assert previous == 2 and all(torch.equal(g, value(i)) for g, i in zip(got + got_previous, [1, 2, 1, 2]))
+    cache.flush()
+    assert torch.equal(cache.get([3])[0], value(3))
+
+
 def test_cache_store_reused_only_for_same_data_and_weights(tmp_path):
     fill(make_cache(tmp_path, ram_bytes=0, prefetch_depth=0), [1, 2])
     again = make_cache(tmp_path, ram_bytes=0, prefetch_depth=0)
     assert all(g is not None for g in again.get([1, 2]))
-    other = ActivationCache(CacheConfig(enabled=True, ram_bytes=0, prefetch_depth=0), str(tmp_path), 64, "data")
+    other = new_cache(CacheConfig(enabled=True, ram_bytes=0, prefetch_depth=0), str(tmp_path), 64, "data")
     other.set_boundary(2, "other-weights")
     assert other.get([1, 2]) == [None, None]
 
@@ -130,8 +239,8 @@ def test_cache_store_is_shared_by_ranks_and_survives_a_repack(tmp_path):
     """Two ranks write their shards into one directory; a re-packed single rank finds both."""
     ranks = []
     for rank, shard in ((0, [0, 2, 4]), (1, [1, 3, 5])):
-        cache = ActivationCache(CacheConfig(enabled=True, ram_bytes=0, prefetch_depth=0), str(tmp_path), 64, "data",
-                                writer=f"rank{rank}")
+        cache = new_cache(CacheConfig(enabled=True, ram_bytes=0, prefetch_depth=0), str(tmp_path), 64, "data",
+                          writer=f"rank{rank}")
         cache.set_boundary(2, "weights")
         fill(cache, shard)
         ranks.append(cache)
@@ -237,28 +346,29 @@ FREEZES = {"total_steps": 40, "decider": {"name": "schedule", "schedule": [
 
 def train_epochs(cache_dir=None, epochs=5, fault=None, data=None, **cache_cfg):
     model = tiny_bert(seed=0)
-    engine, *_ = ds_autofreeze.initialize(model=model, config=ds_config(1, FREEZES))
+    engine, *_, af = ds_autofreeze.initialize(model=model, config=ds_config(1, FREEZES))
     if cache_dir is not None:
         cfg = CacheConfig(enabled=True, **{"prefetch_depth": 2, **cache_cfg})
-        engine.attach_cache(ActivationCache(cfg, str(cache_dir), num_examples=32, data_fingerprint="d"))
+        af.attach_cache(new_cache(cfg, str(cache_dir), num_examples=32, data_fingerprint="d"))
     data = data or batches(8, micro=4)
     torch.manual_seed(123)
     losses, grads = [], []
     g = torch.Generator().manual_seed(5)
     for epoch in range(epochs):
         order = torch.randperm(8, generator=g).tolist()  # reshuffled batches; example ids are fixed per row
-        if engine.cache is not None:
-            engine.cache.plan_epoch([list(range(4 * b, 4 * b + 4)) for b in order])
+        if af.cache is not None:
+            af.cache.plan_epoch([list(range(4 * b, 4 * b + 4)) for b in order])
         for b in order:
             if fault is not None:
-                fault(engine, epoch, b)
+                fault(af, epoch, b)
             ids = torch.arange(4 * b, 4 * b + 4)
             loss = engine(**data[b], example_ids=ids).loss
             engine.backward(loss)
             grads.append(model.classifier.weight.grad.clone() if model.classifier.weight.grad is not None else None)
             engine.step()
+            af.after_step()
             losses.append(loss.item())
-    return losses, {n: p.detach().clone() for n, p in model.named_parameters()}, engine
+    return losses, {n: p.detach().clone() for n, p in model.named_parameters()}, af
 
 
 def assert_same_run(a, b):
@@ -332,7 +442,7 @@ def test_cache_directory_deleted_mid_run_recomputes(tmp_path):
     import shutil
     plain = train_epochs()
 
-    def delete(engine, epoch, b):
+    def delete(af, epoch, b):
         # The writer thread may be adding a chunk while the tree goes (as under a user's rm -rf).
         for _ in range(100):
             if epoch != 3 or not os.path.exists(tmp_path / "c"):

@@ -47,7 +47,7 @@ def test_config_bad_value_is_named():
 
 
 def test_config_unknown_decider_lists_choices():
-    with pytest.raises(ConfigError, match=r"autofreeze\.decider: .*'gradnorm', 'static', 'schedule'"):
+    with pytest.raises(ConfigError, match=r"autofreeze\.decider: .*'gradnorm', 'snr', 'drift', 'static', 'schedule'"):
         get_autofreeze_config({"autofreeze": {"decider": {"name": "magic"}}})
 
 

@@ -4,6 +4,13 @@ import pytest
 
 from ds_autofreeze.config import ConfigError, GradNormConfig, ScheduleConfig, StaticConfig
 from ds_autofreeze.deciders import DECIDERS, GradNormDecider, build_decider
+from ds_autofreeze.statistics import BlockStats
+
+
+def l1(step, norms):
+    """An interval's statistics as gradnorm reads them: the L1 norm of each block's summed gradient."""
+    return BlockStats(step=step, steps=10, grad_l1=list(norms), grad_sum_sq=[None] * len(norms),
+                      grad_sq_sum=[None] * len(norms))
 
 
 def gradnorm(num_blocks=6, interval=10, percentile=50.0, min_trainable=1):
@@ -12,7 +19,7 @@ def gradnorm(num_blocks=6, interval=10, percentile=50.0, min_trainable=1):
 
 
 def test_deciders_registry_is_closed():
-    assert set(DECIDERS) == {"gradnorm", "static", "schedule"}
+    assert set(DECIDERS) == {"gradnorm", "snr", "drift", "static", "schedule"}
 
 
 def test_gradnorm_decides_only_at_interval_ends():
@@ -33,41 +40,41 @@ def test_gradnorm_needs_total_steps_without_interval():
 
 def test_gradnorm_first_decision_only_records():
     d = gradnorm()
-    assert d.decide(10, 0, [1, 1, 1, 1, 1, 1]) == 0
+    assert d.decide(10, 0, l1(10, [1, 1, 1, 1, 1, 1])) == 0
     assert d.prev_norms == [1, 1, 1, 1, 1, 1]
 
 
 def test_gradnorm_freezes_prefix_before_first_block_at_threshold():
     d = gradnorm()
-    d.decide(10, 0, [10.0] * 6)
+    d.decide(10, 0, l1(10, [10.0] * 6))
     # ratios: 0.01 0.02 0.5 0.03 0.6 0.7 -> median 0.265; first block >= it is block 2
     cur = [9.9, 9.8, 5.0, 9.7, 4.0, 3.0]
-    assert d.decide(20, 0, cur) == 2
+    assert d.decide(20, 0, l1(20, cur)) == 2
 
 
 def test_gradnorm_percentile_moves_threshold():
     prev, cur = [10.0] * 6, [9.9, 9.8, 9.7, 9.6, 5.0, 4.0]  # ratios .01 .02 .03 .04 .5 .6
     low, high = gradnorm(percentile=10), gradnorm(percentile=90)
     for d in (low, high):
-        d.decide(10, 0, prev)
-    assert low.decide(20, 0, cur) == 1  # threshold 0.015: block 1 reaches it
-    assert high.decide(20, 0, cur) == 5  # threshold 0.55: block 5 is the first to reach it, capped by min_trainable
+        d.decide(10, 0, l1(10, prev))
+    assert low.decide(20, 0, l1(20, cur)) == 1  # threshold 0.015: block 1 reaches it
+    assert high.decide(20, 0, l1(20, cur)) == 5  # threshold 0.55: block 5 is the first to reach it, capped by min_trainable
 
 
 def test_gradnorm_threshold_uses_only_trainable_blocks():
     d = gradnorm()
-    d.decide(10, 2, [10.0] * 6)
+    d.decide(10, 2, l1(10, [10.0] * 6))
     # blocks 0,1 frozen (their huge ratios must not raise the threshold); trainable ratios .1 .01 .02 .5
     cur = [0.0, 0.0, 9.0, 9.9, 9.8, 5.0]
     # median of (.1, .01, .02, .5) = .06 -> block 2 (.1) reaches it: no change
-    assert d.decide(20, 2, cur) == 2
+    assert d.decide(20, 2, l1(20, cur)) == 2
 
 
 def test_gradnorm_never_unfreezes():
     d = gradnorm()
-    d.decide(10, 3, [10.0] * 6)
+    d.decide(10, 3, l1(10, [10.0] * 6))
     # Every trainable block changes a lot; the first one reaching the threshold is block 3 itself.
-    assert d.decide(20, 3, [10, 10, 10, 1.0, 9.0, 9.5]) == 3
+    assert d.decide(20, 3, l1(20, [10, 10, 10, 1.0, 9.0, 9.5])) == 3
     assert d.clamp(4, 2) == 4
 
 
@@ -76,39 +83,39 @@ def test_gradnorm_respects_min_trainable():
     d2 = gradnorm(num_blocks=6, percentile=90, min_trainable=2)
     d1 = gradnorm(num_blocks=6, percentile=90, min_trainable=1)
     for d in (d1, d2):
-        d.decide(10, 0, [10.0] * 6)
-    assert d1.decide(20, 0, cur) == 5
-    assert d2.decide(20, 0, cur) == 4  # the last 2 blocks stay trainable
+        d.decide(10, 0, l1(10, [10.0] * 6))
+    assert d1.decide(20, 0, l1(20, cur)) == 5
+    assert d2.decide(20, 0, l1(20, cur)) == 4  # the last 2 blocks stay trainable
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
 def test_gradnorm_nonfinite_statistics_never_freeze(bad):
     d = gradnorm()
-    d.decide(10, 0, [10.0] * 6)
-    assert d.decide(20, 0, [9.9, 9.9, bad, 5.0, 4.0, 3.0]) == 0
+    d.decide(10, 0, l1(10, [10.0] * 6))
+    assert d.decide(20, 0, l1(20, [9.9, 9.9, bad, 5.0, 4.0, 3.0])) == 0
     assert d.prev_norms == [10.0] * 6  # the broken interval is not the new reference
-    assert d.decide(30, 0, [9.9, 9.8, 5.0, 9.7, 4.0, 3.0]) == 2  # compared against the last good one
+    assert d.decide(30, 0, l1(30, [9.9, 9.8, 5.0, 9.7, 4.0, 3.0])) == 2  # compared against the last good one
 
 
 def test_gradnorm_nonfinite_first_interval_is_not_recorded():
     d = gradnorm()
-    assert d.decide(10, 0, [math.nan] * 6) == 0
+    assert d.decide(10, 0, l1(10, [math.nan] * 6)) == 0
     assert d.prev_norms is None
 
 
 def test_gradnorm_zero_previous_norm_counts_as_changing():
     d = gradnorm()
-    d.decide(10, 0, [0.0, 10, 10, 10, 10, 10])
-    assert d.decide(20, 0, [0.0, 9.9, 9.9, 9.9, 9.9, 9.9]) == 0
+    d.decide(10, 0, l1(10, [0.0, 10, 10, 10, 10, 10]))
+    assert d.decide(20, 0, l1(20, [0.0, 9.9, 9.9, 9.9, 9.9, 9.9])) == 0
 
 
 def test_gradnorm_state_round_trip():
     d = gradnorm()
-    d.decide(10, 0, [1, 2, 3, 4, 5, 6])
+    d.decide(10, 0, l1(10, [1, 2, 3, 4, 5, 6]))
     e = gradnorm()
     e.load_state_dict(d.state_dict())
     cur = [0.9, 2, 1, 4, 5, 6]
-    assert e.decide(20, 0, cur) == d.decide(20, 0, cur)
+    assert e.decide(20, 0, l1(20, cur)) == d.decide(20, 0, l1(20, cur))
 
 
 def test_static_freezes_from_step_zero_and_validates():
@@ -145,11 +152,11 @@ def test_gradnorm_decider_type():
 
 def test_gradnorm_logs_every_decision_and_resumes_with_it():
     d = gradnorm()
-    d.decide(10, 0, [10.0] * 6)
-    d.decide(20, 0, [9.9, 9.8, 5.0, 9.7, 4.0, 3.0])
+    d.decide(10, 0, l1(10, [10.0] * 6))
+    d.decide(20, 0, l1(20, [9.9, 9.8, 5.0, 9.7, 4.0, 3.0]))
     assert [r["step"] for r in d.log] == [10, 20] and "ratios" not in d.log[0]
     assert d.log[1]["ratios"][:3] == [0.01, 0.02, 0.5] and d.log[1]["boundary"] == 2
-    d.decide(30, 2, [9.0] * 6)
+    d.decide(30, 2, l1(30, [9.0] * 6))
     assert d.log[2]["ratios"][:2] == [None, None]  # frozen blocks have no ratio
     resumed = gradnorm()
     resumed.load_state_dict(d.state_dict())
@@ -160,19 +167,19 @@ def test_gradnorm_max_ratio_keeps_blocks_that_still_change_a_lot():
     prev, cur = [10.0] * 6, [7.0, 6.5, 5.0, 4.0, 3.0, 2.0]  # ratios .3 .35 .5 .6 .7 .8: all still moving
     paper, guarded = gradnorm(), build_decider(GradNormConfig(interval_steps=10, max_ratio=0.1), 6, None)
     for d in (paper, guarded):
-        d.decide(10, 0, prev)
-    assert paper.decide(20, 0, cur) == 3  # the slower half freezes: relative ranking only
-    assert guarded.decide(20, 0, cur) == 0
-    assert guarded.decide(30, 0, [6.9, 6.4, 6.0, 5.0, 3.5, 2.5]) == 2  # blocks 0, 1 moved < 10% and below the median
+        d.decide(10, 0, l1(10, prev))
+    assert paper.decide(20, 0, l1(20, cur)) == 3  # the slower half freezes: relative ranking only
+    assert guarded.decide(20, 0, l1(20, cur)) == 0
+    assert guarded.decide(30, 0, l1(30, [6.9, 6.4, 6.0, 5.0, 3.5, 2.5])) == 2  # blocks 0, 1 moved < 10% and below the median
 
 
 def test_gradnorm_patience_needs_consecutive_qualifying_decisions():
     d = build_decider(GradNormConfig(interval_steps=10, patience=2), 6, None)
-    d.decide(10, 0, [10.0] * 6)
-    assert d.decide(20, 0, [9.9, 9.9, 5.0, 5.0, 5.0, 5.0]) == 0  # blocks 0, 1 qualify once
-    assert d.decide(30, 0, [9.8, 2.0, 2.0, 2.0, 2.0, 2.0]) == 1  # block 0 twice: frozen; block 1's streak broken
-    assert d.decide(40, 1, [9.7, 1.98, 1.0, 1.0, 1.0, 1.0]) == 1  # block 1 qualifies once again
-    assert d.decide(50, 1, [9.6, 1.97, 0.5, 0.5, 0.5, 0.5]) == 2  # and twice
+    d.decide(10, 0, l1(10, [10.0] * 6))
+    assert d.decide(20, 0, l1(20, [9.9, 9.9, 5.0, 5.0, 5.0, 5.0])) == 0  # blocks 0, 1 qualify once
+    assert d.decide(30, 0, l1(30, [9.8, 2.0, 2.0, 2.0, 2.0, 2.0])) == 1  # block 0 twice: frozen; block 1's streak broken
+    assert d.decide(40, 1, l1(40, [9.7, 1.98, 1.0, 1.0, 1.0, 1.0])) == 1  # block 1 qualifies once again
+    assert d.decide(50, 1, l1(50, [9.6, 1.97, 0.5, 0.5, 0.5, 0.5])) == 2  # and twice
     resumed = build_decider(GradNormConfig(interval_steps=10, patience=2), 6, None)
     resumed.load_state_dict(d.state_dict())
     assert resumed.streak == d.streak

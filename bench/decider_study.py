@@ -1,0 +1,168 @@
+"""Ground truth for freeze deciders: what freezing k blocks at time t really costs, and which rule finds it.
+
+    python bench/decider_study.py watch                  # full fine-tuning, every statistic logged, 3 seeds per task
+    python bench/decider_study.py resume --seeds 42      # from the watch checkpoints: k blocks frozen at t, to the end
+    python bench/decider_study.py replay                 # every decider setting on the logged statistics, scored
+    python bench/decider_study.py confirm --config configs/autofreeze_cache.json   # the chosen setting, online
+
+Tasks (the settings of bench/compare.py and bench/tasks.py, MiniLM-L6): ``imdb`` (4,000 / 5,000, 3 epochs,
+375 steps), ``qa`` (SQuAD 2.0-style, 174 steps) and ``mc`` (SWAG-style, 62 steps).
+
+- watch: ``launch/finetune.py`` with the ``snr`` decider told never to freeze (``min_trainable`` = all
+  blocks) and ``log_statistics`` on: full fine-tuning, with every statistic (gradient moments, Adam's
+  moments, probe drift) logged at a fine interval, and checkpoints at 20/40/60/80% of the run. Three
+  seeds give the seed spread of full fine-tuning.
+- resume: from those checkpoints, the run continues with the first k blocks frozen from that step on
+  (a ``schedule`` decider, the cache on) and trains to the end: the real accuracy cost of freezing k
+  blocks at t, paired with the watch run of the same seed (same data order and dropout before t).
+- replay: feeds each watch run's logged statistics (merged to each decider's interval) through every
+  decider setting of the grid, giving each setting's freeze schedule on each run; scores them with the
+  resume grid (estimated accuracy cost) and a step-time model (estimated speedup); prints a table and
+  writes replay.json. The replay is exact up to a setting's first freeze (later, real statistics
+  would differ: frozen blocks change what the trainable ones see).
+- confirm: a config run online on every task and seed, beside the watch runs' accuracy.
+
+Runs (with checkpoints) go under bench/results/decider_study/runs/ (not committed); the summaries
+(watch logs, resume and confirm results) are written as JSON next to it.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import sys
+import tempfile
+from typing import Any, Optional
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+
+from compare import run_one  # noqa: E402
+from tasks import SETTINGS as TASK_SETTINGS  # noqa: E402
+
+from ds_autofreeze.config import SNRConfig, DriftConfig  # noqa: E402
+from ds_autofreeze.data import imdb_split  # noqa: E402
+from ds_autofreeze.deciders import build_decider  # noqa: E402
+from ds_autofreeze.statistics import BlockStats  # noqa: E402
+
+OUT = os.path.join(ROOT, "bench", "results", "decider_study")
+SEEDS = [42, 43, 44]
+# name: (launch arguments, data sizes (train, eval, epochs), watch interval in steps, headline metric)
+TASKS: dict[str, dict[str, Any]] = {
+    "imdb": {"sizes": (4000, 5000, 3), "seq": 128, "interval": 5, "metric": "eval_accuracy", "task": None},
+    "qa": {"sizes": (1000, 400, 2), "seq": 192, "interval": 3, "metric": "eval_f1", "task": "question_answering"},
+    "mc": {"sizes": (1000, 400, 2), "seq": 64, "interval": 2, "metric": "eval_accuracy", "task": "multiple_choice"},
+}
+SAVE_FRACTION = 0.1  # watch runs checkpoint every tenth of the run (launch/finetune.py --save_steps 0.1)
+FRACTIONS = [0.1, 0.2, 0.4, 0.6, 0.8]
+RESUME_BLOCKS = [2, 4]
+NUM_BLOCKS = 6
+
+
+def base_config() -> dict:
+    with open(os.path.join(ROOT, "configs", "autofreeze_cache.json")) as f:
+        return json.load(f)
+
+
+def write_config(autofreeze: dict, directory: str, name: str) -> str:
+    config = base_config()
+    config["autofreeze"] = autofreeze
+    path = os.path.join(directory, f"{name}.json")
+    with open(path, "w") as f:
+        json.dump(config, f, indent=1)
+    return path
+
+
+def task_args(task: str, seed: int, out: str) -> tuple[argparse.Namespace, list[str]]:
+    """run_one's settings and the task's extra launch arguments (its data files, built once)."""
+    spec = TASKS[task]
+    train, evaluate, epochs = spec["sizes"]
+    args = argparse.Namespace(max_train_samples=train, max_eval_samples=evaluate, max_seq_length=spec["seq"],
+                              num_train_epochs=epochs, seed=seed, out=out)
+    if spec["task"] is None:
+        return args, []
+    build, ext, launch_args = TASK_SETTINGS[spec["task"]]
+    data = os.path.join(OUT, "data")
+    os.makedirs(data, exist_ok=True)
+    paths = [os.path.join(data, f"{task}_{split}.{ext}") for split in ("train", "dev")]
+    if not all(os.path.isfile(p) for p in paths):
+        train_reviews, held_out = imdb_split()
+        build(train_reviews, train, 42, paths[0])  # the data is the same for every seed
+        build(held_out, evaluate, 43, paths[1])
+    return args, ["--task", spec["task"], "--train_file", paths[0], "--validation_file", paths[1], *launch_args]
+
+
+def run_dir(task: str, seed: int) -> str:
+    return os.path.join(OUT, "runs", task, f"seed{seed}")
+
+
+def watch(tasks: list[str], seeds: list[int]) -> None:
+    with tempfile.TemporaryDirectory() as configs:
+        for task, seed in itertools.product(tasks, seeds):
+            summary = os.path.join(OUT, f"{task}-seed{seed}-watch.json")
+            if os.path.isfile(summary):
+                print(f"[{task} seed {seed}] watch: done before ({summary})")
+                continue
+            af = {"log_statistics": True, "probe_examples": 64,
+                  "decider": {"name": "snr", "interval_steps": TASKS[task]["interval"], "min_trainable": NUM_BLOCKS}}
+            config = write_config(af, configs, f"watch-{task}")
+            args, extra = task_args(task, seed, run_dir(task, seed))
+            result = run_one("watch", config, args, extra=[*extra, "--save_strategy", "steps", "--save_steps", str(SAVE_FRACTION)])
+            with open(summary, "w") as f:
+                json.dump(result, f)
+
+
+def resume(tasks: list[str], seeds: list[int], fractions: list[float], blocks: list[int]) -> None:
+    with tempfile.TemporaryDirectory() as configs:
+        for task, seed in itertools.product(tasks, seeds):
+            path = os.path.join(OUT, f"{task}-seed{seed}-resume.json")
+            done = json.load(open(path)) if os.path.isfile(path) else {}
+            with open(os.path.join(OUT, f"{task}-seed{seed}-watch.json")) as f:
+                total = json.load(f)["train_steps"]
+            checkpoints = os.path.join(run_dir(task, seed), "watch", "checkpoints")
+            for fraction, k in itertools.product(fractions, blocks):
+                name = f"{k}@{fraction}"
+                step = round(fraction / SAVE_FRACTION) * max(1, round(SAVE_FRACTION * total))
+                tag = os.path.join(checkpoints, f"step{step}")
+                if name in done:
+                    continue
+                if not os.path.isdir(tag):
+                    print(f"[{task} seed {seed}] no checkpoint at step {step} ({tag}); skipped")
+                    continue
+                af = {"decider": {"name": "schedule", "min_trainable": 2,
+                                  "schedule": [{"fraction": step / total, "num_frozen_blocks": k}]},
+                      "cache": {"enabled": True}}
+                config = write_config(af, configs, f"resume-{task}")
+                args, extra = task_args(task, seed, run_dir(task, seed))
+                result = run_one(f"resume-{k}at{step}", config, args,
+                                 extra=[*extra, "--resume_from_checkpoint", tag, "--save_strategy", "no"])
+                done[name] = {key: result[key] for key in (TASKS[task]["metric"], "train_runtime", "freeze_events",
+                                                           "epochs", "train_loss", "wall_seconds")}
+                done[name]["step"] = step
+                with open(path, "w") as f:
+                    json.dump(done, f, indent=1)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    for name in ("watch", "resume"):
+        s = sub.add_parser(name)
+        s.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+        s.add_argument("--seeds", nargs="+", type=int, default=SEEDS)
+        if name == "resume":
+            s.add_argument("--fractions", nargs="+", type=float, default=FRACTIONS)
+            s.add_argument("--blocks", nargs="+", type=int, default=RESUME_BLOCKS)
+    args = p.parse_args()
+    os.makedirs(OUT, exist_ok=True)
+    if args.command == "watch":
+        watch(args.tasks, args.seeds)
+    elif args.command == "resume":
+        resume(args.tasks, args.seeds, args.fractions, args.blocks)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""The freeze decision, in one place: the decider, the statistics it reads, and their state.
+
+``FreezeController.decide(step, boundary)`` is called after every optimizer step. At the decider's
+decision steps it measures what the decider ``needs`` (every statistic with ``log_statistics``),
+hands it over, and returns the decider's boundary; the caller applies it (``freeze``). Statistics
+are decided on by every rank from all-reduced sums, and the boundary is rank 0's, broadcast, so
+ranks never diverge.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any, Optional
+
+import torch
+from deepspeed import comm as dist
+
+from .config import AutoFreezeConfig
+from .deciders import Decider, build_decider
+from .model_adapter import ModelAdapter
+from .repartition import OptimizerLayout
+from .statistics import BlockStats, GradientMoments, ProbeDrift, adam_moments, lr_at
+
+ALL_STATISTICS = frozenset({"grad", "adam", "drift"})
+# Watch runs (log_statistics) keep this many past intervals' gradient sums and probe outputs, so
+# their logs replay exactly at up to this many times their interval (BlockStats.merge).
+LOGGED_HISTORY = 8
+
+
+class FreezeController:
+    """Decider + statistics for one engine (see the module doc)."""
+
+    def __init__(self, config: AutoFreezeConfig, adapter: ModelAdapter, optimizer: Any, lr_scheduler: Any,
+                 device: torch.device):
+        self.config, self.adapter, self.device = config, adapter, device
+        self.lrs = _schedule(lr_scheduler, optimizer, config.total_steps)
+        # The warmup ends where the learning rate peaks; no decision reads statistics before.
+        warmup = max(range(len(self.lrs)), key=lambda i: self.lrs[i]) + 1 if self.lrs else 0
+        self.decider: Decider = build_decider(config.decider, adapter.num_blocks, config.total_steps, warmup)
+        self.measure = (self.decider.needs | ALL_STATISTICS) if config.log_statistics else self.decider.needs
+        self.moments: Optional[GradientMoments] = None
+        self.layout: Optional[OptimizerLayout] = None
+        self.probe: Optional[ProbeDrift] = None
+        self.history = LOGGED_HISTORY if config.log_statistics else 0
+
+    def release(self) -> None:
+        """Let go of the optimizer (before it is rebuilt): the gradient sums view its partitions."""
+        if self.moments is not None:
+            self.moments.close()
+        self.moments = self.layout = None
+
+    def bind(self, optimizer: Any) -> None:
+        """(Re)attach to the optimizer, after it is built or rebuilt: the gradient sums start over,
+        laid out over the new partitions."""
+        self.release()
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        self.layout = OptimizerLayout(optimizer, rank, world)
+        if "grad" in self.measure and self.decider.interval is not None:
+            self.moments = GradientMoments(self.layout, self._block_of(), self.adapter.num_blocks, self.history)
+
+    def set_probe(self, batch: dict[str, torch.Tensor]) -> None:
+        """This rank's shard of the probe set for the drift statistic (same size on every rank)."""
+        self.probe = ProbeDrift(self.adapter, batch, self.history)
+
+    def decide(self, step: int, boundary: int) -> int:
+        stats = None
+        if self.decider.is_decision_step(step):
+            stats = self.statistics(step, boundary)
+        new = self.decider.decide(step, boundary, stats)
+        if stats is not None and dist.is_initialized() and dist.get_world_size() > 1:
+            # Rank 0's decision is the one applied everywhere, so ranks can never diverge even if
+            # float reductions differed. Deciders without statistics decide from the step alone.
+            decided = torch.tensor([new], dtype=torch.long, device=self.device)
+            dist.broadcast(decided, src=0)
+            new = int(decided.item())
+        return new
+
+    def statistics(self, step: int, boundary: int) -> BlockStats:
+        n = self.adapter.num_blocks
+        measured = [b >= boundary for b in range(n)]
+        stats = BlockStats(step=step, steps=0, grad_l1=[None] * n, grad_sum_sq=[None] * n, grad_sq_sum=[None] * n)
+        if self.moments is not None:
+            stats.steps, stats.grad_l1, stats.grad_sum_sq, stats.grad_sq_sum, stats.grad_dots = \
+                self.moments.collect(measured)
+        if "adam" in self.measure:
+            stats.adam_m2, stats.adam_v, stats.adam_beta1 = adam_moments(self.layout, self._block_of(), n, measured)
+        if "drift" in self.measure:
+            if self.probe is None:
+                if "drift" in self.decider.needs:
+                    raise RuntimeError("the drift decider needs a probe set: set_probe(batch) before training")
+            else:
+                stats.drift, stats.drift_back = self.probe.measure(measured)
+        if self.lrs:
+            stats.lr = self.lrs[step - 1] if step - 1 < len(self.lrs) else self.lrs[-1]
+            future = self.lrs[step:]
+            stats.future_lr_sum = float(sum(future))
+            stats.future_lr_sq_sum = float(sum(x * x for x in future))
+        return stats
+
+    def _block_of(self) -> dict[int, int]:
+        return {id(p): b for b in range(self.adapter.num_frozen, self.adapter.num_blocks)
+                for p in self.adapter.block_parameters(b)}
+
+    @property
+    def log(self) -> list[dict[str, Any]]:
+        return self.decider.log
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.decider.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("name", self.decider.config.name) != self.decider.config.name:
+            # A run resumed with another rule (e.g. a fixed schedule from a watch run's checkpoint)
+            # starts that rule afresh.
+            warnings.warn(f"autofreeze: the checkpoint's decider is {state['name']!r}, this run's "
+                          f"{self.decider.config.name!r}: its state starts afresh", stacklevel=2)
+            return
+        self.decider.load_state_dict(state)
+
+    def load_gradient_sums(self, state: Optional[dict[str, Any]]) -> None:
+        """This rank's gradient sums since the last decision, as saved (None: none saved, or saved
+        on another world size). They are laid out over this rank's partitions: otherwise the
+        interval's sums start over, and the next decision covers the steps since (its K says so)."""
+        if self.moments is not None and state is not None:
+            self.moments.load_state_dict(state)
+
+    def close(self) -> None:
+        self.release()
+
+
+def _schedule(lr_scheduler: Any, optimizer: Any, total_steps: Optional[int]) -> list[float]:
+    """The learning rate of every optimizer step of the run (1-based: index t - 1), or [] without
+    ``total_steps``. A scheduler whose rates cannot be computed ahead counts as constant from its
+    current rate: that overstates what is left to learn, so it can only freeze later."""
+    if total_steps is None:
+        return []
+    probe = lr_at(lr_scheduler, optimizer, 1)
+    if probe is None:
+        warnings.warn(f"autofreeze: cannot read ahead the learning rates of {type(lr_scheduler).__name__}; "
+                      "deciders assume the current one for the rest of the run", stacklevel=3)
+        return [float(optimizer.param_groups[0]["lr"])] * total_steps
+    return [lr_at(lr_scheduler, optimizer, t) for t in range(1, total_steps + 1)]

@@ -1,0 +1,368 @@
+"""Per-block statistics the deciders read, gathered where they are cheap.
+
+- Gradient moments (``GradientMoments``): over the optimizer steps of a decision interval, per
+  block b, A_b = sum_t g_b(t) (a vector) and Q_b = sum_t ||g_b(t)||^2, where g(t) is the global-batch
+  gradient exactly as the optimizer consumes it: read in a step pre-hook of the inner torch
+  optimizer, so it is reduced over ranks, unscaled (a loss-scale change moves nothing; an overflow
+  step that DeepSpeed skips is not counted) and clipped. Each rank sums only the elements it holds
+  (``OptimizerLayout.owned_fragments``): 4 bytes per trainable parameter / world size. A decision
+  all-reduces four floats per block: ||A_b||^2, Q_b, the L1 norm of A_b (the paper's statistic) and
+  the step count.
+- Adam's moments (``adam_moments``): per block sum(m^2) and sum(v), bias-corrected, read from the
+  optimizer state at a decision; no memory of its own.
+- Output drift on a probe set (``ProbeDrift``): each block's output on fixed training examples
+  (eval mode, sharded over the ranks), projected to a few dimensions, against the previous decision's.
+
+With a ``history`` of h (watch runs, ``log_statistics``), the last h intervals' gradient sums and
+probe outputs are kept too, and each interval also logs <A_b, A_b'> with each of them and the drift
+since each: intervals merged after the fact (``BlockStats.merge``) then get exactly the statistics
+one longer interval would have measured.
+
+From A and Q, with K steps, the per-step signal and noise of block b are estimated without bias
+(for independent steps with a common mean mu and noise covariance C):
+E||A||^2 = K^2 ||mu||^2 + K tr C and E[Q] = K ||mu||^2 + K tr C, so
+signal = (||A||^2 - Q) / (K (K - 1)) estimates ||mu||^2 and noise = (Q - ||A||^2 / K) / (K - 1) tr C.
+Logged intervals merge (``BlockStats.merge``), so watch runs replay at multiples of their interval.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Optional, Sequence
+
+import torch
+from deepspeed import comm as dist
+
+from .model_adapter import ModelAdapter
+from .repartition import Fragment, OptimizerLayout
+
+_PROJECTION_DIM = 32  # random projection of each token's hidden state for the drift statistic
+
+
+@dataclass
+class BlockStats:
+    """One decision interval's statistics, combined over ranks; per block, None where not measured
+    (frozen blocks, or a statistic not collected)."""
+    step: int
+    """Optimizer step at the end of the interval."""
+    steps: int
+    """Optimizer steps the gradient sums cover (K)."""
+    grad_l1: list[Optional[float]] = field(default_factory=list)
+    """L1 norm of the summed gradient (the paper's statistic)."""
+    grad_sum_sq: list[Optional[float]] = field(default_factory=list)
+    """||A_b||^2: squared norm of the summed gradient."""
+    grad_sq_sum: list[Optional[float]] = field(default_factory=list)
+    """Q_b: sum over steps of the squared gradient norm."""
+    adam_m2: Optional[list[Optional[float]]] = None
+    """sum of the bias-corrected first moment squared."""
+    adam_v: Optional[list[Optional[float]]] = None
+    """sum of the bias-corrected second moment."""
+    adam_beta1: Optional[float] = None
+    """Adam's beta1 (sets the first moment's averaging window)."""
+    drift: Optional[list[Optional[float]]] = None
+    """||H_b(t) - H_b(prev)|| / ||H_b(t)|| of the block's output on the probe set."""
+    grad_dots: Optional[list[Optional[list[float]]]] = None
+    """With a history: per block, <A_b, A_b of the interval j + 1 before> for j = 0, 1, ..."""
+    drift_back: Optional[list[Optional[list[float]]]] = None
+    """With a history: per block, the drift since the probe measurement j + 1 before this one
+    (j = 0 is ``drift``)."""
+    lr: Optional[float] = None
+    """Learning rate of the interval's last step (first param group)."""
+    future_lr_sum: Optional[float] = None
+    """Sum of the learning rates of the steps still to run."""
+    future_lr_sq_sum: Optional[float] = None
+    """Sum of their squares."""
+
+    def signal(self, block: int) -> Optional[float]:
+        """Unbiased estimate of ||mu_b||^2, the squared mean per-step gradient (may be negative)."""
+        a2, q, k = self.grad_sum_sq[block], self.grad_sq_sum[block], self.steps
+        return None if a2 is None or q is None or k < 2 else (a2 - q) / (k * (k - 1))
+
+    def noise(self, block: int) -> Optional[float]:
+        """Unbiased estimate of tr C_b, the per-step gradient noise variance."""
+        a2, q, k = self.grad_sum_sq[block], self.grad_sq_sum[block], self.steps
+        return None if a2 is None or q is None or k < 2 else (q - a2 / k) / (k - 1)
+
+    def adam_snr(self, block: int) -> Optional[float]:
+        """Per-step signal-to-noise ratio from Adam's moments: E[m^2] ~ ||mu||^2 + c tr C with
+        c = (1 - b1) / (1 + b1) (an EMA of noise keeps that share of its variance) and
+        E[v] ~ ||mu||^2 + tr C, so rho = sum m^2 / sum v gives snr = (rho - c) / (1 - rho)."""
+        if self.adam_m2 is None or self.adam_v is None or self.adam_m2[block] is None or not self.adam_v[block]:
+            return None
+        rho, c = self.adam_m2[block] / self.adam_v[block], (1 - self.adam_beta1) / (1 + self.adam_beta1)
+        return (rho - c) / (1 - rho) if rho < 1 else math.inf
+
+    def future_steps(self) -> Optional[float]:
+        """Effective number of independent steps left: (sum lr)^2 / sum lr^2 over the rest of the
+        run. The summed future update's signal-to-noise ratio is this times the per-step one."""
+        if not self.future_lr_sq_sum:
+            return None
+        return self.future_lr_sum ** 2 / self.future_lr_sq_sum
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: (_round(v) if k not in ("step", "steps") else v) for k, v in asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_json(cls, record: dict[str, Any]) -> "BlockStats":
+        return cls(**{f.name: record[f.name] for f in fields(cls) if f.name in record})
+
+    @classmethod
+    def merge(cls, parts: Sequence["BlockStats"]) -> "BlockStats":
+        """Consecutive intervals as one, exactly: ||sum_i A_i||^2 from each part's ||A_i||^2 and its
+        logged dot products with the earlier parts (``grad_dots``), Q and K add up, and the drift over
+        the whole is the last part's drift since the first part's start (``drift_back``). The last
+        part's point-in-time fields (step, learning rates, Adam's moments) are kept; the L1 norm is
+        not composable and is dropped. Parts need a history as long as there are parts after the
+        first."""
+        if len(parts) == 1:
+            return parts[0]
+        last, blocks, m = parts[-1], len(parts[-1].grad_sum_sq), len(parts)
+        if any(p.grad_dots is None or len(p.grad_dots) != blocks for p in parts[1:]):
+            raise ValueError("merging intervals needs their grad_dots (a run with log_statistics)")
+        a2: list[Optional[float]] = []
+        for b in range(blocks):
+            values = [p.grad_sum_sq[b] for p in parts]
+            dots = [p.grad_dots[b] for p in parts[1:]]
+            if any(v is None for v in values) or any(d is None or len(d) < i + 1 for i, d in enumerate(dots)):
+                a2.append(None)
+                continue
+            cross = sum(dots[i][j] for i in range(m - 1) for j in range(i + 1))  # part i+1 with each before it
+            a2.append(sum(values) + 2 * cross)
+        q = [None if any(p.grad_sq_sum[b] is None for p in parts) else sum(p.grad_sq_sum[b] for p in parts)
+             for b in range(blocks)]
+        drift = None
+        if last.drift_back is not None:
+            drift = [None if d is None or len(d) < m else d[m - 1] for d in last.drift_back]
+        return cls(step=last.step, steps=sum(p.steps for p in parts), grad_l1=[None] * blocks, grad_sum_sq=a2,
+                   grad_sq_sum=q, adam_m2=last.adam_m2, adam_v=last.adam_v, adam_beta1=last.adam_beta1,
+                   drift=drift, lr=last.lr, future_lr_sum=last.future_lr_sum,
+                   future_lr_sq_sum=last.future_lr_sq_sum)
+
+
+def _round(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_round(v) for v in value]
+    if isinstance(value, float):
+        return float(f"{value:.6g}") if math.isfinite(value) else None
+    return value
+
+
+class GradientMoments:
+    """A_b and Q_b per block over the optimizer steps since the last ``collect`` (module doc)."""
+
+    def __init__(self, layout: OptimizerLayout, block_of: dict[int, int], num_blocks: int, history: int = 0):
+        self.num_blocks, self.history = num_blocks, history
+        self._past: list[list[torch.Tensor]] = []  # the last ``history`` intervals' A_b, newest first
+        frags = [f for f in layout.owned_fragments() if id(f.param) in block_of]
+        device = frags[0].tensor.device if frags else torch.device("cpu")
+        sizes = [0] * num_blocks
+        for f in frags:
+            sizes[block_of[id(f.param)]] += f.numel
+        self._sums = [torch.zeros(n, dtype=torch.float32, device=device) for n in sizes]  # A_b
+        self._sq = torch.zeros(num_blocks, dtype=torch.float64, device=device)  # Q_b
+        self._measured = [n > 0 for n in sizes]
+        # Per optimizer tensor: (block, fragment, this fragment's view of A_b).
+        self._segments: dict[int, list[tuple[int, Fragment, torch.Tensor]]] = {}
+        used = [0] * num_blocks
+        for f in frags:
+            b = block_of[id(f.param)]
+            self._segments.setdefault(id(f.tensor), []).append((b, f, self._sums[b][used[b]:used[b] + f.numel]))
+            used[b] += f.numel
+        self._steps: dict[int, int] = {}  # per optimizer tensor: steps seen (ZeRO steps one group at a time)
+        self._handle = layout.inner.register_step_pre_hook(self._on_step)
+
+    def _on_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        for group in optimizer.param_groups:
+            for tensor in group["params"]:
+                segments = self._segments.get(id(tensor))
+                if segments is None or tensor.grad is None:
+                    continue
+                self._steps[id(tensor)] = self._steps.get(id(tensor), 0) + 1
+                for b, frag, acc in segments:
+                    g = frag.view(tensor.grad).float()
+                    acc.add_(g)
+                    self._sq[b] += torch.dot(g, g)
+
+    def collect(self, measured: Sequence[bool]) -> tuple[int, list, list, list, Optional[list]]:
+        """(K, L1(A_b), ||A_b||^2, Q_b, dot products with the kept past A_b (or None)) summed over
+        ranks, for the blocks in ``measured``; resets."""
+        steps = max(self._steps.values(), default=0)
+        n, h = self.num_blocks, self.history
+        local = torch.zeros(3 * n + n * h + 1, dtype=torch.float64, device=self._sq.device)
+        for b, acc in enumerate(self._sums):
+            if acc.numel():
+                local[b] = acc.abs().sum(dtype=torch.float64)
+                local[n + b] = torch.dot(acc, acc).double()
+                for j, past in enumerate(self._past):
+                    local[3 * n + b * h + j] = torch.dot(acc, past[b]).double()
+        local[2 * n:3 * n] = self._sq
+        local[-1] = steps
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            # Partitions are disjoint: sums over ranks are the full-tensor values. Ranks whose
+            # partition holds none of a parameter group still step it, so K is the max.
+            counts = local[-1:].clone()
+            dist.all_reduce(local)
+            dist.all_reduce(counts, op=dist.ReduceOp.MAX)
+            local[-1] = counts[0]
+        values = local.tolist()
+        kept = len(self._past)
+        if h:
+            self._past = [[acc.clone() for acc in self._sums], *self._past][:h]
+        self.reset()
+
+        def pick(offset: int) -> list[Optional[float]]:
+            return [values[offset + b] if measured[b] else None for b in range(n)]
+
+        dots = [values[3 * n + b * h:3 * n + b * h + kept] if measured[b] else None
+                for b in range(n)] if h else None
+        return int(values[-1]), pick(0), pick(n), pick(2 * n), dots
+
+    def reset(self) -> None:
+        for acc in self._sums:
+            acc.zero_()
+        self._sq.zero_()
+        self._steps.clear()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sums": [s.to("cpu", copy=True) for s in self._sums], "sq": self._sq.to("cpu", copy=True),
+                "steps": dict(self._steps)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> bool:
+        """Restore this rank's partial sums; False (sums left at zero) if the saved layout differs."""
+        if [s.numel() for s in state["sums"]] != [s.numel() for s in self._sums]:
+            return False
+        for acc, saved in zip(self._sums, state["sums"]):
+            acc.copy_(saved)
+        self._sq.copy_(state["sq"])
+        steps = max(state["steps"].values(), default=0)
+        self._steps = {key: steps for key in self._segments}
+        return True
+
+    def close(self) -> None:
+        self._handle.remove()
+
+    def nbytes(self) -> int:
+        tensors = [*self._sums, *(t for past in self._past for t in past)]
+        return sum(t.numel() * t.element_size() for t in tensors) + self._sq.numel() * 8
+
+
+def adam_moments(layout: OptimizerLayout, block_of: dict[int, int], num_blocks: int,
+                 measured: Sequence[bool]) -> tuple[Optional[list], Optional[list], Optional[float]]:
+    """Per block, sum of exp_avg^2 and of exp_avg_sq, each bias-corrected, summed over ranks, and
+    beta1; (None, None, None) for optimizers without Adam's moments (or before their first step)."""
+    inner = layout.inner
+    frags = [f for f in layout.owned_fragments() if id(f.param) in block_of]
+    device = frags[0].tensor.device if frags else torch.device("cpu")
+    states = [inner.state.get(f.tensor) or {} for f in frags]
+    has_state = all("exp_avg" in st and "exp_avg_sq" in st for st in states)
+    betas = inner.param_groups[0].get("betas", (0.9, 0.999))
+    local = torch.zeros(2 * num_blocks + 1, dtype=torch.float64, device=device)
+    local[-1] = 1.0 if has_state else 0.0
+    if has_state:
+        for f, state in zip(frags, states):
+            step = float(state.get("step", 1))
+            m, v = f.view(state["exp_avg"]).float(), f.view(state["exp_avg_sq"]).float()
+            b = block_of[id(f.param)]
+            local[b] += torch.dot(m, m).double() / (1 - betas[0] ** step) ** 2
+            local[num_blocks + b] += v.sum(dtype=torch.float64) / (1 - betas[1] ** step)
+    world = 1
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        world = dist.get_world_size()
+        dist.all_reduce(local)
+    values = local.tolist()
+    if values[-1] != world:  # some rank has no Adam state yet
+        return None, None, None
+    return ([values[b] if measured[b] else None for b in range(num_blocks)],
+            [values[num_blocks + b] if measured[b] else None for b in range(num_blocks)], float(betas[0]))
+
+
+class ProbeDrift:
+    """Each block's output on a fixed probe batch (this rank's shard), against earlier measurements.
+
+    The outputs are taken in eval mode without gradients, at unmasked positions only, and projected
+    by a fixed random matrix to a few dimensions per token (norms of differences survive a random
+    projection up to a few percent, and the stored references stay small). Encoder-decoder models
+    run their encoder only: the blocks are the encoder's."""
+
+    def __init__(self, adapter: ModelAdapter, probe: dict[str, torch.Tensor], history: int = 0):
+        self.adapter, self.probe, self.history = adapter, probe, history
+        self._past: list[list[Optional[torch.Tensor]]] = []  # earlier projected outputs, newest first
+        self._projection: Optional[torch.Tensor] = None
+
+    @torch.no_grad()
+    def measure(self, measured: Sequence[bool]) -> tuple[list[Optional[float]], Optional[list]]:
+        """(drift since the last measurement, drifts since each kept earlier one (None without a
+        history)) per block, None for blocks not in ``measured`` or without an earlier measurement."""
+        n = self.adapter.num_blocks
+        outputs: list[Optional[torch.Tensor]] = [None] * n
+        mask = self.probe.get("attention_mask")
+        keep = mask.reshape(-1).bool() if mask is not None else None
+
+        def grab(index: int):
+            def hook(_module, _args, output):
+                hidden = output[0] if isinstance(output, tuple) else output
+                flat = hidden.reshape(-1, hidden.shape[-1]).float()
+                if keep is not None and keep.numel() == flat.shape[0]:
+                    flat = flat[keep]
+                if self._projection is None:
+                    g = torch.Generator(device="cpu").manual_seed(0)
+                    self._projection = (torch.randn(flat.shape[-1], _PROJECTION_DIM, generator=g)
+                                        / math.sqrt(_PROJECTION_DIM)).to(flat.device)
+                outputs[index] = flat @ self._projection
+            return hook
+
+        model = self.adapter.model
+        encoder_only = getattr(model.config, "is_encoder_decoder", False)
+        run = model.get_encoder() if encoder_only else model
+        inputs = {k: v for k, v in self.probe.items() if not encoder_only or k in ("input_ids", "attention_mask")}
+        handles = [blk.register_forward_hook(grab(i)) for i, blk in enumerate(self.adapter.blocks)]
+        was_training = model.training
+        model.eval()
+        try:
+            run(**inputs)
+        finally:
+            for h in handles:
+                h.remove()
+            model.train(was_training)
+        pasts = self._past
+        self._past = [outputs, *pasts][:max(1, self.history + 1)]
+        local = torch.zeros(n * (len(pasts) + 1), dtype=torch.float64)
+        for b, cur in enumerate(outputs):
+            if cur is None or not measured[b]:
+                continue
+            local[b] = cur.double().pow(2).sum().item()
+            for j, past in enumerate(pasts):
+                if past[b] is not None:
+                    local[n * (j + 1) + b] = (cur - past[b]).double().pow(2).sum().item()
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            device = next(iter(self.probe.values())).device
+            local = local.to(device)
+            dist.all_reduce(local)
+            local = local.cpu()
+        values = local.tolist()
+
+        def drift(b: int, j: int) -> Optional[float]:
+            return math.sqrt(values[n * (j + 1) + b] / values[b]) if measured[b] and values[b] > 0 else None
+
+        latest = [drift(b, 0) if pasts else None for b in range(n)]
+        back = [[drift(b, j) for j in range(len(pasts))] if measured[b] else None for b in range(n)] \
+            if self.history else None
+        return latest, back
+
+
+def lr_at(scheduler: Any, optimizer: Any, step: int) -> Optional[float]:
+    """The learning rate (first param group) the scheduler gives optimizer step ``step`` (1-based),
+    computed without stepping it: DeepSpeed's schedulers from ``last_batch_iteration``, torch's
+    LambdaLR from its lambdas. None when the scheduler is of another kind."""
+    if scheduler is None:
+        return float(optimizer.param_groups[0]["lr"])
+    if hasattr(scheduler, "last_batch_iteration") and hasattr(scheduler, "get_lr"):
+        saved = scheduler.last_batch_iteration
+        scheduler.last_batch_iteration = step - 1
+        try:
+            return float(scheduler.get_lr()[0])
+        finally:
+            scheduler.last_batch_iteration = saved
+    if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+        return float(scheduler.base_lrs[0] * scheduler.lr_lambdas[0](step - 1))
+    return None

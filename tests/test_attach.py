@@ -1,0 +1,305 @@
+"""AutoFreeze attached to DeepSpeed engines on one rank: repartition correctness against a plain PyTorch loop."""
+
+import os
+
+import deepspeed
+import pytest
+import torch
+
+import ds_autofreeze
+from ds_autofreeze.config import ConfigError
+
+from conftest import ROOT, batches, ds_config, tiny_bert
+
+SCHEDULE = {"total_steps": 30, "decider": {"name": "schedule", "schedule": [
+    {"fraction": 0.2, "num_frozen_blocks": 1}, {"fraction": 0.4, "num_frozen_blocks": 3}]}}  # steps 6 and 12
+
+
+def make_engine(stage=0, autofreeze=SCHEDULE, seed=0, **kw):
+    """A stock DeepSpeed engine (deepspeed.initialize) with AutoFreeze attached: (engine, af, model)."""
+    model = tiny_bert(seed=seed)
+    groups = [{"params": [p for n, p in model.named_parameters() if "bias" not in n]},
+              {"params": [p for n, p in model.named_parameters() if "bias" in n], "weight_decay": 0.0}]
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config(stage, autofreeze, **kw))
+    return engine, ds_autofreeze.attach(engine, autofreeze), model
+
+
+def train(engine, af, data, on_step=None):
+    losses = []
+    torch.manual_seed(123)  # dropout stream
+    for i, batch in enumerate(data):
+        loss = engine(**batch).loss
+        engine.backward(loss)
+        engine.step()
+        af.after_step()
+        losses.append(loss.item())
+        if on_step:
+            on_step(i + 1)
+    return losses
+
+
+def reference_losses(model, data, freeze_at: dict[int, int], lr=1e-3):
+    """Plain PyTorch: AdamW, global-norm clipping at 1.0, freeze (requires_grad off + eval) after the given steps."""
+    from ds_autofreeze.model_adapter import ModelAdapter
+    adapter = ModelAdapter(model)
+    groups = [{"params": [p for n, p in model.named_parameters() if "bias" not in n]},
+              {"params": [p for n, p in model.named_parameters() if "bias" in n], "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=lr, weight_decay=0.01)
+    model.train()
+    losses = []
+    torch.manual_seed(123)
+    for step, batch in enumerate(data, 1):
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if step in freeze_at:
+            adapter.set_frozen(freeze_at[step])  # torch AdamW skips params whose grad stays None
+    return losses
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_attach_loss_matches_plain_pytorch_reference(stage):
+    engine, af, model = make_engine(stage)
+    reference_model = tiny_bert(seed=0)
+    data = batches(30)
+    losses = train(engine, af, data)
+    expected = reference_losses(reference_model, data, {6: 1, 12: 3})
+    assert [e["step"] for e in af.freeze_events] == [6, 12]
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected), rtol=1e-5, atol=0)
+    # and freezing made a difference, so the comparison is not vacuous
+    assert losses != train(*make_engine(stage, autofreeze=None)[:2], data)
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_attach_frozen_parameters_stay_bit_identical(stage):
+    engine, af, model = make_engine(stage, autofreeze={"total_steps": 30, "decider": {
+        "name": "schedule", "schedule": [{"fraction": 0.1, "num_frozen_blocks": 2}]}})
+    snapshots = {}
+
+    def snap(step):
+        if step == 4:
+            snapshots.update({n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad})
+    train(engine, af, batches(23), on_step=snap)  # 19 steps after the one following the freeze at step 3
+    assert snapshots and any("embeddings" in n for n in snapshots) and any("layer.1." in n for n in snapshots)
+    params = dict(model.named_parameters())
+    assert all(v.numel() == getattr(params[n], "ds_numel", v.numel()) > 0 for n, v in snapshots.items())
+    for name, before in snapshots.items():
+        assert torch.equal(before, dict(model.named_parameters())[name]), name
+    assert all("layer.2." not in n for n in snapshots)
+
+
+def master_and_moment(af, param):
+    """The fp32 master copy and Adam exp_avg the optimizer keeps for a model parameter (one rank)."""
+    layout = af.repartitioner.layout
+    (frag,) = [f for f in layout.fragments() if f.param is param]
+    assert frag.numel == getattr(param, "ds_numel", param.numel())
+    return frag.view(frag.tensor.data).clone(), frag.view(layout.inner.state[frag.tensor]["exp_avg"]).clone()
+
+
+def optimizer_numel(af):
+    """Elements of fp32 master weights and of exp_avg the optimizer holds on this rank."""
+    layout = af.repartitioner.layout
+    tensors = layout.tensors()
+    return sum(t.numel() for t in tensors), sum(layout.inner.state[t]["exp_avg"].numel() for t in tensors)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_attach_optimizer_holds_only_trainable_and_carries_state(stage, bf16):
+    extra = {"bf16": {"enabled": True}} if bf16 else {}
+    model = tiny_bert(seed=0)
+    engine, *_ = deepspeed.initialize(model=model, config={**ds_config(stage), **extra})
+    af = ds_autofreeze.attach(engine)  # no config: freezing by hand only
+    train(engine, af, batches(5))
+    head = model.classifier.weight
+    before = master_and_moment(af, head)
+    assert before[0].dtype == torch.float32 and before[1].abs().sum() > 0
+    af.freeze(3)
+    numel = lambda p: getattr(p, "ds_numel", p.numel())  # noqa: E731 - ZeRO-3 holds partitions
+    trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
+    assert trainable < sum(numel(p) for p in model.parameters()) // 2
+    # One rank: the optimizer holds masters and moments for exactly the trainable parameters
+    # (ZeRO pads its flat partitions to an alignment).
+    masters, moments = optimizer_numel(af)
+    assert trainable <= masters == moments <= trainable + 64
+    after = master_and_moment(af, head)
+    assert torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])
+    train(engine, af, batches(3, seed=9))  # and the rebuilt optimizer keeps training
+    assert not torch.equal(master_and_moment(af, head)[0], after[0])
+
+
+def test_attach_lr_schedule_continues_through_freeze():
+    sched = {"type": "WarmupDecayLR", "params": {"warmup_min_lr": 0, "warmup_max_lr": 1e-3, "warmup_num_steps": 5,
+                                                 "total_num_steps": 30, "warmup_type": "linear"}}
+    lrs = {}
+    for name, af in (("frozen", SCHEDULE), ("plain", None)):
+        engine, attached, _ = make_engine(1, autofreeze=af, scheduler=sched)
+        seen = []
+        train(engine, attached, batches(20), on_step=lambda s, e=engine, out=seen: out.append(e.get_lr()))
+        lrs[name] = seen
+    assert lrs["frozen"] == lrs["plain"]
+    assert lrs["frozen"][4] != lrs["frozen"][15]
+
+
+@pytest.mark.parametrize("stage", [0, 2, 3])
+def test_attach_gradnorm_statistics_leave_training_untouched(stage):
+    """The statistics only read: the run equals the reference loop freezing at the steps it chose."""
+    engine, af, model = make_engine(stage, autofreeze={"decider": {"name": "gradnorm", "interval_steps": 3}})
+    data = batches(30)
+    losses = train(engine, af, data)
+    assert af.freeze_events
+    expected = reference_losses(tiny_bert(seed=0), data, {e["step"]: e["frozen_blocks"] for e in af.freeze_events})
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected), rtol=1e-5, atol=0)
+
+
+def test_attach_gradnorm_freezes_with_gradient_accumulation():
+    engine, af, model = make_engine(2, accum=2, autofreeze={"decider": {"name": "gradnorm", "interval_steps": 3}})
+    data = batches(40)
+    train(engine, af, data)
+    assert engine.global_steps == 20
+    assert af.freeze_events, "gradnorm should freeze something in 20 steps"
+    assert all(e["step"] % 3 == 0 for e in af.freeze_events)
+    assert af.num_frozen_blocks <= af.num_blocks - 1
+
+
+@pytest.mark.parametrize("decider", [{"name": "gradnorm", "interval_steps": 4},
+                                     {"name": "snr", "interval_steps": 4, "z": 100.0, "arm": 0.01, "patience": 1}])
+def test_attach_checkpoint_resume_is_bit_identical(tmp_path, decider):
+    af_config = {"total_steps": 24, "decider": decider}
+    data = batches(24)
+    engine, af, model = make_engine(1, autofreeze=af_config)
+    torch.manual_seed(123)
+    losses = []
+    for i, batch in enumerate(data):
+        loss = engine(**batch).loss
+        engine.backward(loss)
+        engine.step()
+        af.after_step()
+        losses.append(loss.item())
+        if i + 1 == 14:  # mid-interval, after at least one freeze
+            frozen_at_save = af.num_frozen_blocks
+            engine.save_checkpoint(str(tmp_path), tag="mid")
+            rng = torch.get_rng_state()
+    assert frozen_at_save > 0
+    final = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    resumed, af2, model2 = make_engine(1, autofreeze=af_config, seed=7)  # different init: everything from disk
+    resumed.load_checkpoint(str(tmp_path), tag="mid")
+    assert af2.num_frozen_blocks == frozen_at_save and resumed.global_steps == 14
+    torch.set_rng_state(rng)
+    resumed_losses = []
+    for batch in data[14:]:
+        loss = resumed(**batch).loss
+        resumed.backward(loss)
+        resumed.step()
+        af2.after_step()
+        resumed_losses.append(loss.item())
+    assert resumed_losses == losses[14:]
+    assert af2.freeze_events == af.freeze_events and af2.decider.log == af.decider.log
+    for name, p in model2.named_parameters():
+        assert torch.equal(p, final[name]), name
+
+
+def test_attach_client_optimizer_is_rebuilt_over_the_trainable_parameters():
+    model = tiny_bert()
+    config = ds_config(0, SCHEDULE)
+    del config["optimizer"]
+    client = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=client, config=config)
+    af = ds_autofreeze.attach(engine, SCHEDULE)
+    train(engine, af, batches(8))
+    assert af.num_frozen_blocks == 1
+    assert isinstance(engine.optimizer, torch.optim.SGD) and engine.optimizer is not client
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    held = {id(p) for g in engine.optimizer.param_groups for p in g["params"]}
+    assert held == trainable and engine.optimizer.defaults["momentum"] == 0.9
+    assert all("momentum_buffer" in engine.optimizer.state[p] for p in model.classifier.parameters())
+
+
+def test_attach_freeze_validates():
+    engine, af, _ = make_engine(0, autofreeze={"enabled": False})
+    assert af.decider is None and af.num_frozen_blocks == 0
+    with pytest.raises(ValueError, match="leave a block trainable"):
+        af.freeze(4)
+    af.freeze(2)
+    with pytest.raises(ValueError, match="must grow"):
+        af.freeze(1)
+
+
+def test_attach_close_gives_the_engine_back():
+    model = tiny_bert()
+    engine, *_ = deepspeed.initialize(model=model, config=ds_config(0, SCHEDULE))
+    hooks = (dict(model._forward_pre_hooks), dict(model._forward_hooks))
+    with ds_autofreeze.attach(engine, SCHEDULE) as af:
+        assert len(model._forward_pre_hooks) == len(hooks[0]) + 1
+        assert engine.save_checkpoint == af.save_checkpoint
+    assert engine.save_checkpoint.__func__ is deepspeed.runtime.engine.DeepSpeedEngine.save_checkpoint
+    assert (dict(model._forward_pre_hooks), dict(model._forward_hooks)) == hooks
+    assert af.controller.moments is None
+
+
+# ---------------------------------------------------------------- refusals at attach, never at the first freeze
+
+def test_attach_refuses_when_a_private_deepspeed_name_is_missing(monkeypatch):
+    engine, *_ = deepspeed.initialize(model=tiny_bert(), config=ds_config(1))
+    monkeypatch.delattr(deepspeed.runtime.engine.DeepSpeedEngine, "_configure_optimizer")
+    with pytest.raises(ConfigError, match=r"DeepSpeedEngine\._configure_optimizer is missing"):
+        ds_autofreeze.attach(engine, SCHEDULE)
+
+
+def test_attach_refuses_a_missing_optimizer_internal(monkeypatch):
+    engine, *_ = deepspeed.initialize(model=tiny_bert(), config=ds_config(2))
+    monkeypatch.delattr(type(engine.optimizer), "_lazy_init_hp_params_optimizer_state")
+    with pytest.raises(ConfigError, match=r"DeepSpeedZeroOptimizer\._lazy_init_hp_params_optimizer_state is missing"):
+        ds_autofreeze.attach(engine, SCHEDULE)
+
+
+def test_attach_refuses_an_older_deepspeed(monkeypatch):
+    from ds_autofreeze.repartition import MIN_DEEPSPEED
+    engine, *_ = deepspeed.initialize(model=tiny_bert(), config=ds_config(0))
+    monkeypatch.setattr(deepspeed, "__version__", "0.18.2")
+    with pytest.raises(ConfigError, match=f"older than {MIN_DEEPSPEED}"):
+        ds_autofreeze.attach(engine)
+
+
+def test_attach_refuses_optimizer_offload():
+    config = ds_config(2)
+    config["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+    config["zero_force_ds_cpu_optimizer"] = False  # torch's AdamW: no JIT-built CPU Adam in tests
+    engine, *_ = deepspeed.initialize(model=tiny_bert(), config=config)
+    with pytest.raises(ConfigError, match="ZeRO offload"):
+        ds_autofreeze.attach(engine, SCHEDULE)
+
+
+def test_attach_refuses_an_engine_without_optimizer():
+    config = ds_config(0)
+    del config["optimizer"]
+    engine, *_ = deepspeed.initialize(model=tiny_bert(), config=config)
+    with pytest.raises(ConfigError, match="no optimizer"):
+        ds_autofreeze.attach(engine)
+
+
+def test_attach_refuses_fp16_with_zero0():
+    """DeepSpeed's fused fp16 optimizer (ZeRO-0, FusedAdam) keeps one replicated flat master per group;
+    its layout is not carried, so it is refused by what it holds (fp16 cannot be built on this CPU:
+    the real engine is checked on a GPU by bench/gpu_checks.py)."""
+    from ds_autofreeze.repartition import OptimizerLayout
+
+    class FP16_Optimizer:  # noqa: N801 - what DeepSpeed's holds, by name
+        def __init__(self):
+            self.fp32_groups_flat, self.fp16_groups, self.optimizer = [], [], None
+    with pytest.raises(ConfigError, match=r"fp16 with ZeRO-0 \(FP16_Optimizer.*use bf16, or zero_optimization.stage >= 1"):
+        OptimizerLayout(FP16_Optimizer())
+
+
+def test_pyproject_declares_the_minimum_deepspeed_attach_checks():
+    import re
+    from ds_autofreeze.repartition import MIN_DEEPSPEED
+    from packaging.version import Version
+    with open(os.path.join(ROOT, "pyproject.toml")) as f:
+        (spec,) = re.findall(r'"deepspeed([^"]*)"', f.read())
+    assert re.search(r">=\s*([\d.]+)", spec).group(1) == MIN_DEEPSPEED
+    assert Version(deepspeed.__version__.split("+")[0]) >= Version(MIN_DEEPSPEED)
