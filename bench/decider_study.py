@@ -30,11 +30,10 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import math
 import os
 import sys
 import tempfile
-from typing import Any, Optional
+from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -108,9 +107,15 @@ def watch(tasks: list[str], seeds: list[int]) -> None:
                 continue
             af = {"log_statistics": True, "probe_examples": 64,
                   "decider": {"name": "snr", "interval_steps": TASKS[task]["interval"], "min_trainable": NUM_BLOCKS}}
-            config = write_config(af, configs, f"watch-{task}")
-            args, extra = task_args(task, seed, run_dir(task, seed))
-            result = run_one("watch", config, args, extra=[*extra, "--save_strategy", "steps", "--save_steps", str(SAVE_FRACTION)])
+            done = os.path.join(run_dir(task, seed), "watch", "all_results.json")
+            if os.path.isfile(done):  # an interrupted study: the run itself finished
+                with open(done) as f:
+                    result = json.load(f)
+            else:
+                config = write_config(af, configs, f"watch-{task}")
+                args, extra = task_args(task, seed, run_dir(task, seed))
+                result = run_one("watch", config, args,
+                                 extra=[*extra, "--save_strategy", "steps", "--save_steps", str(SAVE_FRACTION)])
             with open(summary, "w") as f:
                 json.dump(result, f)
 
@@ -156,7 +161,10 @@ def main() -> None:
         if name == "resume":
             s.add_argument("--fractions", nargs="+", type=float, default=FRACTIONS)
             s.add_argument("--blocks", nargs="+", type=int, default=RESUME_BLOCKS)
+    p.add_argument("--out", default=OUT, help="where runs and summaries go (default: bench/results/decider_study)")
     args = p.parse_args()
+    global OUT
+    OUT = os.path.abspath(args.out)
     os.makedirs(OUT, exist_ok=True)
     if args.command == "watch":
         watch(args.tasks, args.seeds)
