@@ -5,7 +5,7 @@
 the model's blocks, removes them from the optimizer and the gradient traffic, and serves their
 output from the activation cache. ``ds_autofreeze.initialize`` is ``deepspeed.initialize`` + attach.
 """
-from .attach import AutoFreeze, attach, initialize
+from .autofreeze import AutoFreeze, attach, initialize
 from .config import AutoFreezeConfig, ConfigError, get_autofreeze_config
 from .deciders import DECIDERS, Decider, build_decider
 from .model_adapter import SUPPORTED_MODEL_TYPES, ModelAdapter, UnsupportedModelError

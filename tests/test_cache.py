@@ -1,6 +1,7 @@
 """Activation cache: tiers, policies, exactness against the uncached path, and faults."""
 import asyncio
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -482,3 +483,60 @@ def test_cache_previous_boundary_kept_one_full_epoch(tmp_path):
     cache.plan_epoch([[1, 2]])  # a whole epoch ran at boundary 3: the old store is deleted
     assert cache.get_previous([1]) == (0, [None])
     assert not list(tmp_path.glob("b2-*"))
+
+
+def test_cache_checkpoint_restores_the_same_whether_the_cache_is_attached_before_or_after_loading(tmp_path):
+    """A run resumed from a checkpoint continues with the cache it had (stores on disk, the previous
+    boundary's entries, the epoch count since the move) whatever the order of load and attach."""
+    data = batches(8, micro=4)
+    moves = {"total_steps": 24, "decider": {"name": "schedule", "schedule": [  # steps 4, 12 and 20
+        {"fraction": 4 / 24, "num_frozen_blocks": 1}, {"fraction": 0.5, "num_frozen_blocks": 2},
+        {"fraction": 20 / 24, "num_frozen_blocks": 3}]}}
+
+    def epoch(engine, af, order):
+        losses = []
+        af.cache.plan_epoch([list(range(4 * b, 4 * b + 4)) for b in order])
+        for b in order:
+            loss = engine(**data[b], example_ids=torch.arange(4 * b, 4 * b + 4)).loss
+            engine.backward(loss)
+            engine.step()
+            af.after_step()
+            losses.append(loss.item())
+        return losses
+
+    def fresh(cache_dir, attach_first, load=None):
+        engine, *_, af = ds_autofreeze.initialize(model=tiny_bert(seed=0), config=ds_config(1, moves))
+        cache = new_cache(CacheConfig(enabled=True, ram_bytes=0, prefetch_depth=2), str(cache_dir), num_examples=32,
+                          data_fingerprint="d")
+        if attach_first or load is None:
+            af.attach_cache(cache)
+        if load is not None:
+            engine.load_checkpoint(load, tag="e2")
+            if not attach_first:
+                af.attach_cache(cache)
+        return engine, af
+
+    orders = [torch.randperm(8, generator=torch.Generator().manual_seed(e)).tolist() for e in range(3)]
+    engine, af = fresh(tmp_path / "c", True)
+    torch.manual_seed(123)
+    for e in range(2):
+        epoch(engine, af, orders[e])
+    engine.save_checkpoint(str(tmp_path / "ck"), tag="e2")
+    af.cache.flush()
+    shutil.copytree(tmp_path / "c", tmp_path / "saved")  # the run goes on, and drops stores the checkpoint names
+    rng = torch.get_rng_state()
+    reference = epoch(engine, af, orders[2])
+    af.close()
+    runs = {}
+    for attach_first in (True, False):
+        shutil.copytree(tmp_path / "saved", tmp_path / f"resumed{attach_first}")
+        engine, af = fresh(tmp_path / f"resumed{attach_first}", attach_first, load=str(tmp_path / "ck"))
+        torch.set_rng_state(rng)
+        stats = af.cache.stats
+        runs[attach_first] = (epoch(engine, af, orders[2]), stats.disk_hits, stats.previous_hits)
+        af.close()
+    assert runs[True][0] == runs[False][0] == reference
+    assert runs[True][1] == runs[False][1] > 0  # served from the stores the saved run wrote
+    # Saved within the epoch after the move to 2 blocks: the boundary-1 store still feeds block 1
+    # (and, after the move at step 20, blocks 1..2) instead of running from the embeddings.
+    assert runs[True][2] == runs[False][2] > 0

@@ -2,6 +2,7 @@
 reference, checkpoints on the same and on another world size, and a rank that dies."""
 from __future__ import annotations
 
+import math
 import os
 import time
 
@@ -341,3 +342,46 @@ def test_a_dead_rank_makes_the_others_fail_fast():
     assert dead is None
     assert survivor["error"] is not None, "the surviving rank finished training alone"
     assert survivor["seconds"] < 60, survivor
+
+
+def synthetic_run(rank: int, world: int, decay: bool, decisions: int = 100, interval: int = 10) -> dict:
+    """The snr decider on gradients made up on purpose: the loss is sum_b <w_b, mu_b(t) + noise>, so
+    the global gradient of block b is mu_b(t) plus zero-mean noise (each rank its own). Without
+    ``decay`` mu is zero: pure noise. With it mu_b(t) = exp(-t / tau_b) with tau growing with b: the
+    front blocks stop learning first."""
+    import deepspeed
+    import ds_autofreeze
+    total = decisions * interval
+    af_config = {"total_steps": total, "log_freezes": False,
+                 "decider": {"name": "snr", "interval_steps": interval, "min_trainable": 1}}
+    config = ds_config(0, af_config, micro=1, accum=1, scheduler={
+        "type": "WarmupDecayLR", "params": {"warmup_min_lr": 0, "warmup_max_lr": 1e-3, "warmup_num_steps": interval,
+                                            "total_num_steps": total}})
+    engine, *_ = deepspeed.initialize(model=tiny_bert(), config=config)
+    af = ds_autofreeze.attach(engine, af_config)
+    blocks = [af.adapter.block_parameters(b) for b in range(af.num_blocks)]
+    g = torch.Generator().manual_seed(1000 + rank)
+    for t in range(total):
+        loss = 0.0
+        for b, params in enumerate(blocks):
+            if not params[0].requires_grad:
+                continue
+            mean = math.exp(-t / (total * (b + 1) / 8)) if decay else 0.0
+            for p in params:
+                loss = loss + (p * (mean + torch.randn(p.shape, generator=g))).sum()
+        engine.backward(loss)
+        engine.step()
+        af.after_step()
+    return {"events": [(e["step"], e["frozen_blocks"]) for e in af.freeze_events], "decisions": len(af.decider.log)}
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_snr_decider_on_synthetic_gradients(world):
+    run = (lambda fn, *a: _in_process(fn, *a)) if world == 1 else (lambda fn, *a: run_ranks(fn, 2, *a))
+    noise = run(synthetic_run, False)
+    assert all(r["decisions"] == 100 and r["events"] == [] for r in noise)  # pure noise: nothing ever freezes
+    decaying = run(synthetic_run, True)
+    for r in decaying:
+        steps = [s for s, _ in r["events"]]
+        assert r["events"] and r["events"][-1][1] >= 2 and steps == sorted(steps)
+    assert all(r["events"] == decaying[0]["events"] for r in decaying)  # ranks agree
