@@ -111,6 +111,55 @@ def repartition_time(model_fn, stage: int, seq: int) -> dict:
             "trainable_after": af.trainable_parameter_count()}
 
 
+# Llama-shaped models with random weights (no pretrained decoder installs here), by size.
+LLAMA = {"100M": {"hidden_size": 768, "num_hidden_layers": 12, "intermediate_size": 2048, "num_attention_heads": 12},
+         "300M": {"hidden_size": 1024, "num_hidden_layers": 22, "intermediate_size": 2816, "num_attention_heads": 16},
+         "600M": {"hidden_size": 1536, "num_hidden_layers": 18, "intermediate_size": 4096, "num_attention_heads": 16}}
+
+
+def llama(size: str):
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+    cfg = LlamaConfig(vocab_size=32000, num_key_value_heads=LLAMA[size]["num_attention_heads"], num_labels=2,
+                      pad_token_id=0, max_position_embeddings=256, **LLAMA[size])
+    return LlamaForSequenceClassification(cfg)
+
+
+def repartition_cost(rank: int, world: int, stage: int, size: str, bf16: bool = False,
+                     frozen_fraction: float = 1 / 3) -> dict:
+    """One rank's view of freezing the first ``frozen_fraction`` of a Llama-shaped model's blocks
+    right after a training step (optimizer state populated): wall time, and memory before, at the
+    peak and after, against the optimizer state it ends with (fp32 masters + moments)."""
+    import gc
+    import deepspeed
+    import torch
+    import ds_autofreeze
+    from deepspeed import comm as dist
+    from ds_autofreeze.memory_stats import PeakMemory
+    torch.manual_seed(0)
+    config = _config(stage, 1)
+    del config["autofreeze"]
+    if stage == 3:
+        config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    if bf16:
+        config["bf16"] = {"enabled": True}
+    engine = deepspeed.initialize(model=llama(size), config=config)[0]
+    af = ds_autofreeze.attach(engine)  # freezing by hand
+    engine.backward(engine(**_batch(1, 32, rank)).loss)
+    engine.step()
+    params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
+    k = round(af.num_blocks * frozen_fraction)
+    gc.collect()
+    dist.barrier()
+    with PeakMemory(engine.device) as memory:
+        af.freeze(k)
+    state = af.training_state_bytes()
+    after = state["master_weights"] + state["optimizer_moments"]
+    return {"rank": rank, "world": world, "stage": stage, "model": f"Llama-{size}", "params": params, "bf16": bf16,
+            "frozen_blocks": f"{k}/{af.num_blocks}", "trainable_after": af.trainable_parameter_count(),
+            "seconds": af.repartition_seconds[-1], "before": memory.before, "peak": memory.peak,
+            "after": memory.after, "extra": memory.extra, "state_after": after, "extra_ratio": memory.extra / after}
+
+
 def part1(args: argparse.Namespace) -> dict:
     results = {}
     for stage in (0, 1, 2, 3):

@@ -101,13 +101,17 @@ class ModelAdapter:
     """
 
     def __init__(self, model: nn.Module):
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        # A PEFT model (LoRA) wraps the Hugging Face model and injects its adapters into that
+        # model's own modules: the blocks are the wrapped model's, adapters included, so a frozen
+        # block's adapters freeze with it. Forwards still go through the wrapper.
+        hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+        model_type = getattr(getattr(hf, "config", None), "model_type", None)
         layout = _LAYOUTS.get(model_type)
         if layout is None:
             raise UnsupportedModelError(
-                f"model type {model_type!r} ({type(model).__name__}) is not supported; "
+                f"model type {model_type!r} ({type(hf).__name__}) is not supported; "
                 f"supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}")
-        self.base = getattr(model, "base_model", model)
+        self.base = getattr(hf, "base_model", hf)
         blocks = _get(self.base, layout.blocks)
         if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
             raise UnsupportedModelError(
@@ -126,7 +130,7 @@ class ModelAdapter:
         # positions reach the loss only as masked keys, weighted by an exact zero, so the cache may
         # drop them. Token-level heads (QA span logits over every position) and anything unknown
         # keep them.
-        self.pad_rows_unread = type(model).__name__.endswith(_PAD_BLIND_HEADS)
+        self.pad_rows_unread = type(hf).__name__.endswith(_PAD_BLIND_HEADS)
 
     @property
     def num_blocks(self) -> int:

@@ -280,8 +280,17 @@ class Repartitioner:
                  for origin, g in zip(self.origins, old.inner.param_groups)}
         if hasattr(engine.optimizer, "destroy"):
             engine.optimizer.destroy()  # drops ZeRO's gradient hooks and fp32 fragment links
+        # Nothing may keep the old partitions and moments alive while the new ones are allocated:
+        # the scheduler holds the old torch optimizer until it is given the new one below, and a
+        # training loop may still hold the optimizer deepspeed.initialize returned: it is emptied
+        # (using it after a freeze fails loudly instead of silently keeping its memory).
+        _empty(old.inner, None if old.kind == "torch" else engine.optimizer)
         engine.optimizer = engine.basic_optimizer = None
-        self.layout = old = None  # nothing here may keep the old partitions alive
+        old_kind = old.kind
+        scheduler = engine.lr_scheduler if hasattr(engine.lr_scheduler, "optimizer") else None
+        if scheduler is not None:
+            scheduler.optimizer = None
+        self.layout = old = None
 
         groups, origins = [], []
         for origin, (h, params) in enumerate(self.groups):
@@ -289,6 +298,10 @@ class Repartitioner:
             if trainable:
                 groups.append({**h, "params": trainable})
                 origins.append(origin)
+        if old_kind == "flat":
+            # Before the rebuild re-flattens the staying parameters into a new buffer (and allocates
+            # moments below): the old buffer is then freed as soon as they move.
+            _own_storage([p for _, params in self.groups for p in params if id(p) in frozen])
         engine._configure_optimizer(self._basic_optimizer(groups), groups)
         self.origins = origins
         new = self.layout = OptimizerLayout(engine.optimizer, *_rank_world())
@@ -305,10 +318,8 @@ class Repartitioner:
         else:
             _exchange(carried, self._targets(new, index, keys, scalars), [MASTER, *keys])
         self._link_state()
-        if new.kind == "flat":
-            _own_storage([p for _, params in self.groups for p in params if id(p) in frozen])
-        if engine.lr_scheduler is not None and hasattr(engine.lr_scheduler, "optimizer"):
-            engine.lr_scheduler.optimizer = new.inner if new.kind != "torch" else engine.optimizer
+        if scheduler is not None:
+            scheduler.optimizer = new.inner
         if engine._support_torch_style_backward:
             engine.optimizer.register_grad_acc_post_hook(engine._backward_post_hook)
         return time.perf_counter() - start
@@ -328,15 +339,21 @@ class Repartitioner:
         self._link_state()
 
     def _capture(self, layout: OptimizerLayout, index: dict[int, int], keys: list[str]) -> list[_Piece]:
-        """Copies of this rank's slices of the staying parameters' masters and moments: the flat
-        partitions also hold the frozen parameters' and must be freed before the rebuild allocates."""
+        """This rank's slices of the staying parameters' masters and moments, to carry over. Copied
+        (so the old partitions, which also hold the frozen parameters', are freed before the rebuild
+        allocates) when they are at most this rank's share of what stays; otherwise, on a rank whose
+        partition was mostly staying parameters, the old partitions are kept until the exchange
+        instead: copying would cost more than this rank's whole new state."""
+        frags = [f for f in layout.fragments() if id(f.param) in index]
+        staying = sum(getattr(p, "ds_numel", p.numel()) for _, params in self.groups for p in params
+                      if id(p) in index)
+        copy = sum(f.numel for f in frags) <= staying / layout.world
         out = []
-        for f in layout.fragments():
-            if id(f.param) in index:
-                state = layout.inner.state.get(f.tensor, {})
-                out.append(_Piece(index[id(f.param)], f.start, f.numel,
-                                  {MASTER: f.view(f.tensor.data).clone(),
-                                   **{k: f.view(state[k]).clone() for k in keys if k in state}}))
+        for f in frags:
+            state = layout.inner.state.get(f.tensor, {})
+            views = {MASTER: f.view(f.tensor.data), **{k: f.view(state[k]) for k in keys if k in state}}
+            out.append(_Piece(index[id(f.param)], f.start, f.numel,
+                              {k: v.clone() if copy else v for k, v in views.items()}))
         return out
 
     def _scalars(self, layout: OptimizerLayout, keys: list[str]) -> dict[int, dict[str, Any]]:
@@ -455,6 +472,14 @@ class Repartitioner:
             for group, saved_group in zip(layout.inner.param_groups, param_groups):
                 group.update({k: v for k, v in saved_group.items() if k != "params"})
         return True
+
+
+def _empty(inner: torch.optim.Optimizer, wrapper: Any) -> None:
+    inner.state = type(inner.state)()
+    for group in inner.param_groups:
+        group["params"] = []
+    if wrapper is not None:
+        vars(wrapper).clear()
 
 
 def _own_storage(params: Sequence[torch.nn.Parameter]) -> None:
