@@ -152,6 +152,7 @@ def resume(tasks: list[str], seeds: list[int], fractions: list[float], blocks: l
 
 
 def main() -> None:
+    global OUT
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     for name in ("watch", "resume"):
@@ -163,7 +164,6 @@ def main() -> None:
             s.add_argument("--blocks", nargs="+", type=int, default=RESUME_BLOCKS)
     p.add_argument("--out", default=OUT, help="where runs and summaries go (default: bench/results/decider_study)")
     args = p.parse_args()
-    global OUT
     OUT = os.path.abspath(args.out)
     os.makedirs(OUT, exist_ok=True)
     if args.command == "watch":
