@@ -1,5 +1,5 @@
-"""Fine-tune a transformer with AutoFreeze on DeepSpeed: classification, extractive QA, multiple choice or
-summarization (--task).
+"""Fine-tune a transformer with AutoFreeze on DeepSpeed: classification, extractive QA, multiple choice,
+summarization or causal-LM (SFT) fine-tuning (--task), optionally with LoRA (--use_peft).
 
     # this machine (CPU, the packaged MiniLM on IMDb), one process or two ranks:
     python launch/finetune.py --deepspeed_config configs/autofreeze.json
@@ -8,9 +8,11 @@ summarization (--task).
     deepspeed --num_gpus 1 launch/finetune.py --deepspeed_config configs/gpu/autofreeze_bf16.json \
         --model_name_or_path /models/bert-base-uncased --train_file train.csv --validation_file dev.csv
 
-Reads top to bottom: arguments, JSON config, data, model, ds_autofreeze.initialize (deepspeed.initialize +
-attach), loop. The
-baseline is the same script with configs/full.json (no "autofreeze" section).
+The recipe (``FinetuneRecipe``) reads top to bottom: ``setup`` (arguments, JSON config, data, model,
+``ds_autofreeze.initialize`` = deepspeed.initialize + attach, resume), ``train`` (the loop; a
+re-pack ends it with a ``Relaunch`` request that only ``main`` acts on), ``evaluate``,
+``save_checkpoint``, ``finish`` (summary, all_results.json). The baseline is the same script with
+configs/full.json (no "autofreeze" section).
 """
 from __future__ import annotations
 
@@ -21,6 +23,8 @@ import os
 import random
 import sys
 import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
 
 # Quiet, offline: nothing is downloaded at run time.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -31,6 +35,7 @@ import deepspeed  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from deepspeed import comm as dist  # noqa: E402
+from deepspeed.runtime.config import DeepSpeedConfig  # noqa: E402
 from deepspeed.runtime.tensor_parallel.init_utils import load_ds_config  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
@@ -116,6 +121,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="optimizer steps between checkpoints (--save_strategy steps); below 1, a fraction of the run's "
                         "steps (as in Hugging Face's TrainingArguments)")
     add_task_arguments(p)
+    # LoRA, with TRL's argument names.
+    p.add_argument("--use_peft", action="store_true", help="fine-tune LoRA adapters instead of the whole model")
+    p.add_argument("--lora_r", type=int, default=16)
+    p.add_argument("--lora_alpha", type=int, default=32)
+    p.add_argument("--lora_dropout", type=float, default=0.05)
+    p.add_argument("--lora_target_modules", nargs="+", default=["all-linear"],
+                   help="module names to adapt (default: every linear layer but the head)")
     p.add_argument("--no_progress", action="store_true", help="no progress bar (logs only)")
     p.add_argument("--ddp_timeout", type=int, default=1800,
                    help="seconds a collective may wait for another rank before the run fails")
@@ -146,9 +158,6 @@ def load_config(path: str) -> dict:
         config = load_ds_config(path)
     except (ValueError, json.JSONDecodeError) as err:
         raise ConfigError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(config.get("train_micro_batch_size_per_gpu"), int):
-        # The loaders are built before DeepSpeed, to size the run (total steps, schedule).
-        raise ConfigError(f"{path}: train_micro_batch_size_per_gpu (an integer) is required")
     get_autofreeze_config(config)  # fail on a bad key now, before any data or model work
     return config
 
@@ -192,11 +201,79 @@ def fill_auto(config: dict, total_steps: int) -> dict:
 
 
 def param_groups(model: torch.nn.Module, weight_decay_off=("bias", "LayerNorm.weight", "norm.weight")) -> list[dict]:
-    # The usual BERT recipe: no weight decay on biases and norm weights.
+    # The usual BERT recipe: no weight decay on biases and norm weights. Parameters frozen before
+    # training (LoRA's base weights) are not the optimizer's.
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        (no_decay if name.endswith(weight_decay_off) else decay).append(p)
-    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if p.requires_grad:
+            (no_decay if name.endswith(weight_decay_off) else decay).append(p)
+    return [g for g in ({"params": decay}, {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+
+
+# PEFT's task types by task: they decide which head modules train beside the adapters.
+PEFT_TASK_TYPES = {"classification": "SEQ_CLS", "question_answering": "QUESTION_ANS",
+                   "summarization": "SEQ_2_SEQ_LM", "causal_lm": "CAUSAL_LM"}
+
+
+def with_lora(model: torch.nn.Module, task_name: str, args: argparse.Namespace) -> torch.nn.Module:
+    """The model with LoRA adapters (PEFT); its base weights frozen, the adapters and the task head trainable."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise ConfigError("--use_peft needs the 'peft' package: pip install peft") from None
+    if task_name not in PEFT_TASK_TYPES:
+        raise ConfigError(f"--use_peft: PEFT has no task type for {task_name} (its head would stay frozen); "
+                          f"supported: {', '.join(PEFT_TASK_TYPES)}")
+    targets = args.lora_target_modules[0] if args.lora_target_modules == ["all-linear"] else args.lora_target_modules
+    config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                        target_modules=targets, task_type=PEFT_TASK_TYPES[task_name])
+    return get_peft_model(model, config)
+
+
+@dataclass
+class TrainState:
+    """Where the loop stands and what the run was sized with; every checkpoint holds it (launch_state.json),
+    readable before DeepSpeed starts. A resumed or re-packed run keeps the original total steps, so the
+    LR schedule and the decider's intervals do not move."""
+    launch_world: int
+    total_steps: Optional[int] = None
+    epoch: int = 0
+    step_in_epoch: int = 0
+    epoch_layout: Optional[list[int]] = None  # (world, examples per rank per step) of an interrupted epoch
+    train_time: float = 0.0
+    worker_seconds: float = 0.0
+    loss_sum: float = 0.0
+    loss_count: int = 0
+    history: list[dict] = field(default_factory=list)
+    repacks: list[dict] = field(default_factory=list)
+
+    def add_time(self, seconds: float, world: int) -> None:
+        self.train_time += seconds
+        self.worker_seconds += world * seconds
+
+    @property
+    def train_loss(self) -> float:
+        return self.loss_sum / max(self.loss_count, 1)
+
+
+@dataclass
+class Relaunch:
+    """A re-pack: continue from ``tag_dir`` on ``plan.workers`` workers (only ``main`` acts on it)."""
+    plan: Any
+    tag_dir: str
+
+
+def rng_state() -> dict[str, Any]:
+    """Every random stream a resumed run must continue: Python, NumPy, torch's CPU and the accelerator's."""
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "accelerator": deepspeed.get_accelerator().get_rng_state()}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    deepspeed.get_accelerator().set_rng_state(state["accelerator"])
 
 
 def stamp_freezes(af: ds_autofreeze.AutoFreeze, train_time: float) -> None:
@@ -205,233 +282,312 @@ def stamp_freezes(af: ds_autofreeze.AutoFreeze, train_time: float) -> None:
         event.setdefault("train_time", round(train_time, 3))
 
 
-def main(argv: list[str] | None = None) -> dict:
-    argv = sys.argv[1:] if argv is None else argv
-    args = parse_args(argv)
-    config_path = args.deepspeed_config
-    config = load_config(config_path)
-    model_path = resolve_model_path(args)
+class FinetuneRecipe:
+    """One fine-tuning run: ``setup``, ``train``, ``evaluate``, ``save_checkpoint``, ``finish``."""
 
-    from transformers import AutoTokenizer
-    from transformers.utils import logging as hf_logging
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_path)
-    except (OSError, ValueError) as err:
-        raise UnsupportedModelError(f"--model_name_or_path {model_path}: cannot load a tokenizer ({err})") from None
-    task = build_task(args)
-    train_set, eval_set = task.load(tokenizer)
+    def __init__(self, args: argparse.Namespace, argv: list[str]):
+        self.args, self.argv = args, argv
 
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    try:
-        model = task.model_class().from_pretrained(model_path, ignore_mismatched_sizes=args.ignore_mismatched_sizes,
-                                                   **task.model_kwargs())
-    except RuntimeError as err:
-        if "ignore_mismatched_sizes" not in str(err):
-            raise
-        raise UnsupportedModelError(f"{model_path}: its {task.name} head has other shapes than this task needs "
-                                    "(e.g. another number of labels); pass --ignore_mismatched_sizes to start "
-                                    "that head afresh") from None
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        args = self.args
+        self.config_path = args.deepspeed_config
+        self.config = load_config(self.config_path)
+        self.model_path = resolve_model_path(args)
+        tokenizer = self._setup_tokenizer()
+        self.task = build_task(args)
+        self.train_set, self.eval_set = self.task.load(tokenizer)
+        model = self._setup_model(tokenizer)
+        self._setup_distributed()
+        self._setup_engine(model)
+        self._setup_autofreeze()
+        if self.resume_dir:
+            _, client_state = self.engine.load_checkpoint(os.path.dirname(self.resume_dir),
+                                                          tag=os.path.basename(self.resume_dir))
+            set_rng_state(client_state["rng"])
+            self.say(f"resumed from {self.resume_dir} at epoch {self.state.epoch + 1}, step {self.engine.global_steps} "
+                     f"({self.af.num_frozen_blocks} blocks frozen)")
 
-    default_rendezvous()
-    deepspeed.init_distributed(dist_backend=deepspeed.get_accelerator().communication_backend_name(),
-                               timeout=datetime.timedelta(seconds=args.ddp_timeout))
-    world, rank = dist.get_world_size(), dist.get_rank()
-    resume_dir = None
-    if args.resume_from_checkpoint:
-        resume_dir = os.path.join(*resolve_checkpoint(os.path.join(args.output_dir, CHECKPOINT_DIR)
-                                                      if args.resume_from_checkpoint == "latest"
-                                                      else args.resume_from_checkpoint))
-    # Where the loop stands and what the run was sized with: a re-packed or resumed run keeps the
-    # original total steps (so the LR schedule and the decider's intervals do not move).
-    state = read_launch_state(resume_dir) if resume_dir else {
-        "epoch": 0, "step_in_epoch": 0, "epoch_layout": None, "train_time": 0.0, "loss_sum": 0.0,
-        "loss_count": 0, "history": [], "repacks": [], "launch_world": world, "total_steps": None,
-        "worker_seconds": 0.0}
-    micro = config["train_micro_batch_size_per_gpu"]
-    accum = config.get("gradient_accumulation_steps", 1)  # DeepSpeed's own default
-    per_rank = micro * accum
-    steps_per_epoch = len(train_set) // world // per_rank
-    if steps_per_epoch == 0:
-        raise DataError(f"{len(train_set)} training examples do not fill one batch of "
-                        f"{micro} x {accum} accumulation x {world} ranks")
-    total_steps = state["total_steps"] or steps_per_epoch * args.num_train_epochs
-    state["total_steps"] = total_steps
-    config = fill_auto(config, total_steps)
+    def _setup_tokenizer(self) -> Any:
+        from transformers import AutoTokenizer
+        from transformers.utils import logging as hf_logging
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        try:
+            return AutoTokenizer.from_pretrained(self.model_path)
+        except (OSError, ValueError) as err:
+            raise UnsupportedModelError(f"--model_name_or_path {self.model_path}: cannot load a tokenizer "
+                                        f"({err})") from None
 
-    save_every = None
-    if args.save_strategy == "steps":
-        save_every = max(1, round(args.save_steps * total_steps) if args.save_steps < 1 else int(args.save_steps))
-    args.deepspeed_config = None  # the resolved dict goes in as config=
-    engine, _, _, _, af = ds_autofreeze.initialize(args=args, model=model, model_parameters=param_groups(model),
-                                                   config=config)
-    autofreeze = af.config
-    if autofreeze.enabled and autofreeze.cache.enabled:
-        disk_dir = autofreeze.cache.disk_dir or os.path.join(args.output_dir, "activation_cache")
-        af.attach_cache(ActivationCache(autofreeze.cache, disk_dir, len(train_set) * train_set.rows_per_example,
-                                            data_fingerprint=train_set.fingerprint(), writer=f"rank{rank}"))
-    if af.controller is not None and "drift" in af.controller.measure:
-        # A fixed probe set, the first training examples, sharded evenly over the ranks.
-        probe = list(range(min(autofreeze.probe_examples, len(train_set)) // world * world))[rank::world]
-        af.set_probe({k: v.to(engine.device) for k, v in train_set.batch(probe).items() if k != "labels"})
-    repacker = None
-    if autofreeze.enabled and autofreeze.packing.mode.value != "off":
-        if engine.zero_optimization_partition_weights():
-            raise ConfigError("autofreeze.packing: re-packing moves ZeRO-1/2 optimizer state between world sizes; "
-                              "ZeRO-3 checkpoints do not reshard (use zero_optimization.stage 1 or 2, or mode 'off')")
-        if "SLURM_STEP_ID" in os.environ and "DS_AUTOFREEZE_REPACK_FILE" not in os.environ:
-            raise ConfigError("autofreeze.packing under srun needs launch/slurm/finetune.sbatch, which relaunches "
-                              "the re-packed run (or set packing.mode 'off')")
-        # Per-block forward times are measured on one micro-batch.
-        sample = {k: v.to(engine.device) for k, v in train_set.batch(list(range(micro))).items()}
-        repacker = Repacker(autofreeze.packing, model, af.adapter, per_rank * world, args.max_seq_length, world,
-                            cached_prefix=af.cache is not None, started_world=state["launch_world"],
-                            profile_batch=sample)
-    is_main = engine.global_rank == 0
-    say = (lambda *a: print(*a, flush=True)) if is_main else (lambda *a: None)
-    say(f"{task.name}: model {model_path} ({af.num_blocks} blocks, {sum(p.numel() for p in model.parameters()):,} "
-        f"params), train {len(train_set)} / eval {eval_set.num_examples} examples, {world} rank(s) x {micro} x {accum} accumulation, "
-        f"{total_steps} steps, autofreeze "
-        f"{'on: ' + autofreeze.decider.name if af.decider else 'off'}"
-        f"{', packing ' + autofreeze.packing.mode.value if repacker else ''}")
+    def _setup_model(self, tokenizer: Any) -> torch.nn.Module:
+        args = self.args
+        random.seed(args.seed)
+        np.random.seed(args.seed)
+        torch.manual_seed(args.seed)
+        try:
+            model = self.task.model_class().from_pretrained(
+                self.model_path, ignore_mismatched_sizes=args.ignore_mismatched_sizes, **self.task.model_kwargs())
+        except RuntimeError as err:
+            if "ignore_mismatched_sizes" not in str(err):
+                raise
+            raise UnsupportedModelError(f"{self.model_path}: its {self.task.name} head has other shapes than this "
+                                        "task needs (e.g. another number of labels); pass --ignore_mismatched_sizes "
+                                        "to start that head afresh") from None
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None \
+                else tokenizer.eos_token_id
+        return with_lora(model, self.task.name, args) if args.use_peft else model
 
-    ckpt_dir = os.path.join(args.output_dir, CHECKPOINT_DIR)
-    if resume_dir:
-        _, client_state = engine.load_checkpoint(os.path.dirname(resume_dir), tag=os.path.basename(resume_dir))
-        torch.set_rng_state(client_state["torch_rng"])
-        say(f"resumed from {resume_dir} at epoch {state['epoch'] + 1}, step {engine.global_steps} "
-            f"({af.num_frozen_blocks} blocks frozen)")
+    def _setup_distributed(self) -> None:
+        args = self.args
+        default_rendezvous()
+        deepspeed.init_distributed(dist_backend=deepspeed.get_accelerator().communication_backend_name(),
+                                   timeout=datetime.timedelta(seconds=args.ddp_timeout))
+        self.world, self.rank = dist.get_world_size(), dist.get_rank()
+        self.is_main = self.rank == 0
+        self.resume_dir = None
+        if args.resume_from_checkpoint:
+            self.resume_dir = os.path.join(*resolve_checkpoint(
+                os.path.join(args.output_dir, CHECKPOINT_DIR) if args.resume_from_checkpoint == "latest"
+                else args.resume_from_checkpoint))
+        self.state = TrainState(**read_launch_state(self.resume_dir)) if self.resume_dir \
+            else TrainState(launch_world=self.world)
 
-    def save(tag: str, **position) -> str:
-        """A checkpoint the loop can continue from: engine state, then the loop's position."""
-        tag_dir = os.path.join(ckpt_dir, tag)
-        if is_main:
-            os.makedirs(tag_dir, exist_ok=True)
-            write_json(os.path.join(tag_dir, LAUNCH_STATE), {**state, **position})  # before 'latest' names the tag
-        engine.save_checkpoint(ckpt_dir, tag=tag, client_state={"torch_rng": torch.get_rng_state()})
-        return tag_dir
+    def _setup_engine(self, model: torch.nn.Module) -> None:
+        """The batch geometry is DeepSpeed's (micro-batch, accumulation and train_batch_size resolved
+        from the config and the world size as the engine will), so total steps, the LR schedule and
+        the decision intervals follow whatever of the three the config sets."""
+        args, state = self.args, self.state
+        geometry = DeepSpeedConfig(self.config)
+        self.micro, self.accum = geometry.train_micro_batch_size_per_gpu, geometry.gradient_accumulation_steps
+        self.per_rank = self.micro * self.accum
+        steps_per_epoch = len(self.train_set) // geometry.train_batch_size
+        if steps_per_epoch == 0:
+            raise DataError(f"{len(self.train_set)} training examples do not fill one batch of {self.micro} x "
+                            f"{self.accum} accumulation x {self.world} ranks")
+        state.total_steps = state.total_steps or steps_per_epoch * args.num_train_epochs
+        self.config = fill_auto(self.config, state.total_steps)
+        args.deepspeed_config = None  # the resolved dict goes in as config=
+        self.engine, _, _, _, self.af = ds_autofreeze.initialize(args=args, model=model,
+                                                                 model_parameters=param_groups(model),
+                                                                 config=self.config)
+        assert (self.engine.train_micro_batch_size_per_gpu(), self.engine.gradient_accumulation_steps()) == \
+            (self.micro, self.accum)
+        self.save_every = None
+        if args.save_strategy == "steps":
+            self.save_every = max(1, round(args.save_steps * state.total_steps) if args.save_steps < 1
+                                  else int(args.save_steps))
 
-    trace = open_trace(args, world, rank) if args.trace_examples else None
-    engine.train()
-    stamp_freezes(af, state["train_time"])  # a static decider froze before the first step
-    for epoch in range(state["epoch"], args.num_train_epochs):
-        # An epoch a re-pack interrupted finishes with the global batches it started with.
-        layout = state["epoch_layout"] if epoch == state["epoch"] and state["epoch_layout"] else (world, per_rank)
-        steps = epoch_steps(len(train_set), args.seed, epoch, *layout)
-        first = state["step_in_epoch"] if epoch == state["epoch"] else 0
-        mine = [rank_share(step, world, rank) for step in steps]
-        if af.cache is not None:
-            af.cache.plan_epoch([row_keys(ids[j:j + micro], train_set.rows_per_example)
-                                     for ids in mine[first:] for j in range(0, per_rank, micro)])
-        bar = tqdm(total=len(steps), initial=first, desc=f"epoch {epoch + 1}/{args.num_train_epochs}", unit="step",
-                   disable=not is_main or args.no_progress, dynamic_ncols=True, file=sys.stdout)
-        epoch_start = time.perf_counter()
-        for t in range(first, len(steps)):
-            step_start, frozen_before = time.perf_counter(), af.num_frozen_blocks
-            for j in range(0, per_rank, micro):
-                ids = mine[t][j:j + micro]
-                batch = {k: v.to(engine.device) for k, v in train_set.batch(ids).items()}
-                loss = engine(**batch, example_ids=torch.tensor(ids)).loss
-                engine.backward(loss)
-                engine.step()
-                af.after_step()
-                state["loss_sum"], state["loss_count"] = state["loss_sum"] + loss.item(), state["loss_count"] + 1
-            now = time.perf_counter()
-            stamp_freezes(af, state["train_time"] + now - epoch_start)
-            if trace is not None:
-                trace.write(json.dumps({"epoch": epoch, "step": engine.global_steps, "ids": mine[t]}) + "\n")
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}", frozen=f"{af.num_frozen_blocks}/{af.num_blocks}")
-            if save_every and engine.global_steps % save_every == 0 and t + 1 < len(steps):
-                saving = time.perf_counter()
-                spent = saving - epoch_start
-                save(f"step{engine.global_steps}", epoch=epoch, step_in_epoch=t + 1, epoch_layout=list(layout),
-                     train_time=state["train_time"] + spent, worker_seconds=state["worker_seconds"] + world * spent)
-                epoch_start += time.perf_counter() - saving  # checkpointing is not training time
-            if repacker is None:
-                continue
-            if af.num_frozen_blocks == frozen_before:
-                repacker.record_step(now - step_start)
-                continue
-            plan = repacker.on_freeze(frozen_before, af.num_frozen_blocks, total_steps - engine.global_steps,
-                                      state["train_time"] + now - epoch_start, world, micro, accum)
-            if plan is None or t + 1 == len(steps) and epoch + 1 == args.num_train_epochs:
-                continue
-            bar.close()
-            spent = time.perf_counter() - epoch_start
-            state["train_time"], state["worker_seconds"] = state["train_time"] + spent, state["worker_seconds"] + world * spent
-            state["repacks"].append({"step": engine.global_steps, "frozen_blocks": af.num_frozen_blocks,
-                                     "from_workers": world, **plan.as_dict()})
-            say(f"[packing] step {engine.global_steps}: {world} -> {plan.workers} worker(s), micro-batch "
-                f"{plan.micro_batch} x {plan.accumulation} accumulation (estimated {plan.step_seconds:.2f}s/step)")
-            tag_dir = save(f"repack-step{engine.global_steps}", epoch=epoch, step_in_epoch=t + 1,
-                           epoch_layout=list(layout))
+    def _setup_autofreeze(self) -> None:
+        args, af, engine = self.args, self.af, self.engine
+        autofreeze = af.config
+        if autofreeze.enabled and autofreeze.cache.enabled:
+            disk_dir = autofreeze.cache.disk_dir or os.path.join(args.output_dir, "activation_cache")
+            af.attach_cache(ActivationCache(autofreeze.cache, disk_dir,
+                                            len(self.train_set) * self.train_set.rows_per_example,
+                                            data_fingerprint=self.train_set.fingerprint(), writer=f"rank{self.rank}"))
+        if af.controller is not None and "drift" in af.controller.measure:
+            # A fixed probe set, the first training examples, sharded evenly over the ranks.
+            probe = list(range(min(autofreeze.probe_examples, len(self.train_set)) // self.world * self.world))
+            af.set_probe({k: v.to(engine.device) for k, v in self.train_set.batch(probe[self.rank::self.world]).items()
+                          if k != "labels"})
+        self.repacker = None
+        if autofreeze.enabled and autofreeze.packing.mode.value != "off":
+            if engine.zero_optimization_partition_weights():
+                raise ConfigError("autofreeze.packing: re-packing moves ZeRO-1/2 optimizer state between world "
+                                  "sizes; ZeRO-3 checkpoints do not reshard (use zero_optimization.stage 1 or 2, or "
+                                  "mode 'off')")
+            if "SLURM_STEP_ID" in os.environ and "DS_AUTOFREEZE_REPACK_FILE" not in os.environ:
+                raise ConfigError("autofreeze.packing under srun needs launch/slurm/finetune.sbatch, which "
+                                  "relaunches the re-packed run (or set packing.mode 'off')")
+            # Per-block forward times are measured on one micro-batch.
+            sample = {k: v.to(engine.device) for k, v in self.train_set.batch(list(range(self.micro))).items()}
+            self.repacker = Repacker(autofreeze.packing, engine.module, af.adapter, self.per_rank * self.world,
+                                     args.max_seq_length, self.world, cached_prefix=af.cache is not None,
+                                     started_world=self.state.launch_world, profile_batch=sample)
+        model = engine.module
+        self.say(f"{self.task.name}: model {self.model_path} ({af.num_blocks} blocks, "
+                 f"{sum(p.numel() for p in model.parameters()):,} params"
+                 f"{', LoRA' if args.use_peft else ''}), train {len(self.train_set)} / eval "
+                 f"{self.eval_set.num_examples} examples, {self.world} rank(s) x {self.micro} x {self.accum} "
+                 f"accumulation, {self.state.total_steps} steps, autofreeze "
+                 f"{'on: ' + autofreeze.decider.name if af.decider else 'off'}"
+                 f"{', packing ' + autofreeze.packing.mode.value if self.repacker else ''}")
+
+    def say(self, *parts: Any) -> None:
+        if self.is_main:
+            print(*parts, flush=True)
+
+    # ------------------------------------------------------------------ train
+    def train(self) -> Optional[Relaunch]:
+        """The loop, from where the state stands; a Relaunch when a re-pack ends it early."""
+        args, state, engine, af = self.args, self.state, self.engine, self.af
+        trace = open_trace(args, self.world, self.rank) if args.trace_examples else None
+        engine.train()
+        stamp_freezes(af, state.train_time)  # a static decider froze before the first step
+        try:
+            for epoch in range(state.epoch, args.num_train_epochs):
+                resumed = epoch == state.epoch
+                # An epoch a re-pack interrupted finishes with the global batches it started with.
+                layout = state.epoch_layout if resumed and state.epoch_layout else (self.world, self.per_rank)
+                steps = epoch_steps(len(self.train_set), args.seed, epoch, *layout)
+                first = state.step_in_epoch if resumed else 0
+                request = self._train_epoch(epoch, steps, first, layout, trace)
+                if request is not None:
+                    return request
+                self.evaluate(epoch)
+                if args.save_strategy == "epoch" or self.save_every and engine.global_steps % self.save_every == 0:
+                    self.save_checkpoint(f"epoch{epoch + 1}" if args.save_strategy == "epoch"
+                                         else f"step{engine.global_steps}", epoch=epoch + 1, step_in_epoch=0,
+                                         epoch_layout=None)
+        finally:
             if trace is not None:
                 trace.close()
-            relaunch(argv, config, plan, tag_dir, is_main)
-        bar.close()
-        spent = time.perf_counter() - epoch_start
-        state["train_time"], state["worker_seconds"] = state["train_time"] + spent, state["worker_seconds"] + world * spent
-        eval_start = time.perf_counter()
-        scores = {f"eval_{k}": v for k, v in task.evaluate(engine, eval_set, max(micro, 32)).items()}
-        train_loss = state["loss_sum"] / max(state["loss_count"], 1)
-        state["history"].append({"epoch": epoch + 1, "step": engine.global_steps, "world_size": world,
-                                 "train_time": round(state["train_time"], 3), **scores,
-                                 "eval_seconds": round(time.perf_counter() - eval_start, 3),
-                                 "frozen_blocks": af.num_frozen_blocks, "train_loss": train_loss})
-        say(f"epoch {epoch + 1}: {', '.join(f'{k} {v:.4f}' for k, v in scores.items())}, train_loss {train_loss:.4f}, "
-            f"frozen {af.num_frozen_blocks}/{af.num_blocks}, train time {state['train_time']:.1f}s")
-        if args.save_strategy == "epoch" or save_every and engine.global_steps % save_every == 0:
-            save(f"epoch{epoch + 1}" if args.save_strategy == "epoch" else f"step{engine.global_steps}",
-                 epoch=epoch + 1, step_in_epoch=0, epoch_layout=None)
-    if trace is not None:
-        trace.close()
+        return None
 
-    history = state["history"]
-    metrics = [f"eval_{k}" for k in task.metrics]
-    results = {
-        "task": task.name,
-        **{k: history[-1][k] if history else None for k in metrics},
-        "train_loss": state["loss_sum"] / max(state["loss_count"], 1),
-        "train_runtime": round(state["train_time"], 3),
-        "train_steps": engine.global_steps,
-        "train_samples_per_second": round(engine.global_steps * per_rank * world / max(state["train_time"], 1e-9), 3),
-        "freeze_events": af.freeze_events,
-        "decisions": af.decider.log if af.decider is not None else None,  # what each decision saw
-        "final_frozen_blocks": af.num_frozen_blocks,
-        "num_blocks": af.num_blocks,
-        "trainable_params": af.trainable_parameter_count(),
-        "world_size": world,
-        "repacks": state["repacks"],
-        "worker_seconds": round(state["worker_seconds"], 3),  # ranks x training seconds, across re-packs
-        "cache": af.cache.manifest() if af.cache is not None else None,
-        "epochs": history,
-        "config": config_path,
-    }
-    if is_main:
-        os.makedirs(args.output_dir, exist_ok=True)
-        write_json(os.path.join(args.output_dir, "all_results.json"), results)
-        events = ", ".join(f"step {e['step']} -> {e['frozen_blocks']}" for e in af.freeze_events) or "none"
-        lines = [f"  {k:<20} {results[k]}" for k in (*metrics, "train_loss", "train_runtime", "train_steps",
-                                                     "final_frozen_blocks", "trainable_params")]
+    def _train_epoch(self, epoch: int, steps: list[list[int]], first: int, layout: tuple[int, int],
+                     trace: Any) -> Optional[Relaunch]:
+        args, state, engine, af = self.args, self.state, self.engine, self.af
+        mine = [rank_share(step, self.world, self.rank) for step in steps]
         if af.cache is not None:
-            stats = af.cache.stats
-            lines.append(f"  {'cache':<20} hit rate {stats.hit_rate:.3f} (RAM {stats.ram_hits}, disk {stats.disk_hits}, "
-                         f"miss {stats.misses}), stall {stats.stall_seconds:.1f}s")
-        if state["repacks"]:
-            lines.append(f"  {'repacks':<20} " + ", ".join(f"step {r['step']}: {r['from_workers']} -> {r['workers']}"
-                                                            for r in state["repacks"]))
-        if af.decider is not None and af.decider.interval is not None and not af.freeze_events:
-            events += (f" ({af.decider.config.name}: no decision found a block safe to freeze; each decision's "
-                       "statistics are in all_results.json)")
-        say("\n".join(["summary:", *lines, f"  {'freeze_events':<20} {events}",
-                       f"  results written to {os.path.join(args.output_dir, 'all_results.json')}"]))
-    return results
+            af.cache.plan_epoch([row_keys(ids[j:j + self.micro], self.train_set.rows_per_example)
+                                 for ids in mine[first:] for j in range(0, self.per_rank, self.micro)])
+        bar = tqdm(total=len(steps), initial=first, desc=f"epoch {epoch + 1}/{args.num_train_epochs}", unit="step",
+                   disable=not self.is_main or args.no_progress, dynamic_ncols=True, file=sys.stdout)
+        epoch_start = time.perf_counter()
+        try:
+            for t in range(first, len(steps)):
+                step_start, frozen_before = time.perf_counter(), af.num_frozen_blocks
+                for j in range(0, self.per_rank, self.micro):
+                    ids = mine[t][j:j + self.micro]
+                    batch = {k: v.to(engine.device) for k, v in self.train_set.batch(ids).items()}
+                    loss = engine(**batch, example_ids=torch.tensor(ids)).loss
+                    engine.backward(loss)
+                    engine.step()
+                    af.after_step()
+                    state.loss_sum, state.loss_count = state.loss_sum + loss.item(), state.loss_count + 1
+                now = time.perf_counter()
+                stamp_freezes(af, state.train_time + now - epoch_start)
+                if trace is not None:
+                    trace.write(json.dumps({"epoch": epoch, "step": engine.global_steps, "ids": mine[t]}) + "\n")
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.4f}", frozen=f"{af.num_frozen_blocks}/{af.num_blocks}")
+                if self.save_every and engine.global_steps % self.save_every == 0 and t + 1 < len(steps):
+                    saving = time.perf_counter()
+                    spent = saving - epoch_start
+                    self.save_checkpoint(f"step{engine.global_steps}", epoch=epoch, step_in_epoch=t + 1,
+                                         epoch_layout=list(layout), train_time=state.train_time + spent,
+                                         worker_seconds=state.worker_seconds + self.world * spent)
+                    epoch_start += time.perf_counter() - saving  # checkpointing is not training time
+                if self.repacker is None:
+                    continue
+                if af.num_frozen_blocks == frozen_before:
+                    self.repacker.record_step(now - step_start)
+                    continue
+                plan = self.repacker.on_freeze(frozen_before, af.num_frozen_blocks,
+                                               state.total_steps - engine.global_steps,
+                                               state.train_time + now - epoch_start, self.world, self.micro,
+                                               self.accum)
+                if plan is None or t + 1 == len(steps) and epoch + 1 == args.num_train_epochs:
+                    continue
+                state.add_time(time.perf_counter() - epoch_start, self.world)
+                epoch_start = None
+                state.repacks.append({"step": engine.global_steps, "frozen_blocks": af.num_frozen_blocks,
+                                      "from_workers": self.world, **plan.as_dict()})
+                self.say(f"[packing] step {engine.global_steps}: {self.world} -> {plan.workers} worker(s), "
+                         f"micro-batch {plan.micro_batch} x {plan.accumulation} accumulation (estimated "
+                         f"{plan.step_seconds:.2f}s/step)")
+                tag_dir = self.save_checkpoint(f"repack-step{engine.global_steps}", epoch=epoch, step_in_epoch=t + 1,
+                                               epoch_layout=list(layout))
+                return Relaunch(plan, tag_dir)
+        finally:
+            bar.close()
+            if epoch_start is not None:
+                state.add_time(time.perf_counter() - epoch_start, self.world)
+        return None
+
+    # ------------------------------------------------------------------ evaluate
+    def evaluate(self, epoch: int) -> dict[str, float]:
+        state, af = self.state, self.af
+        eval_start = time.perf_counter()
+        scores = {f"eval_{k}": v for k, v in self.task.evaluate(self.engine, self.eval_set,
+                                                                 max(self.micro, 32)).items()}
+        state.history.append({"epoch": epoch + 1, "step": self.engine.global_steps, "world_size": self.world,
+                              "train_time": round(state.train_time, 3), **scores,
+                              "eval_seconds": round(time.perf_counter() - eval_start, 3),
+                              "frozen_blocks": af.num_frozen_blocks, "train_loss": state.train_loss})
+        self.say(f"epoch {epoch + 1}: {', '.join(f'{k} {v:.4f}' for k, v in scores.items())}, train_loss "
+                 f"{state.train_loss:.4f}, frozen {af.num_frozen_blocks}/{af.num_blocks}, train time "
+                 f"{state.train_time:.1f}s")
+        return scores
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, tag: str, **position: Any) -> str:
+        """A checkpoint the loop can continue from: the loop's position, then the engine's state
+        (AutoFreeze's included) with every random stream."""
+        tag_dir = os.path.join(self.args.output_dir, CHECKPOINT_DIR, tag)
+        if self.is_main:
+            os.makedirs(tag_dir, exist_ok=True)
+            write_json(os.path.join(tag_dir, LAUNCH_STATE), {**asdict(self.state), **position})  # before 'latest'
+        self.engine.save_checkpoint(os.path.dirname(tag_dir), tag=tag, client_state={"rng": rng_state()})
+        return tag_dir
+
+    # ------------------------------------------------------------------ finish
+    def finish(self) -> dict:
+        """The summary on rank 0, and <output_dir>/all_results.json."""
+        args, state, engine, af = self.args, self.state, self.engine, self.af
+        history = state.history
+        metrics = [f"eval_{k}" for k in self.task.metrics]
+        results = {
+            "task": self.task.name,
+            **{k: history[-1][k] if history else None for k in metrics},
+            "train_loss": state.train_loss,
+            "train_runtime": round(state.train_time, 3),
+            "train_steps": engine.global_steps,
+            "train_samples_per_second": round(engine.global_steps * self.per_rank * self.world
+                                              / max(state.train_time, 1e-9), 3),
+            "freeze_events": af.freeze_events,
+            "decisions": af.decider.log if af.decider is not None else None,  # what each decision saw
+            "final_frozen_blocks": af.num_frozen_blocks,
+            "num_blocks": af.num_blocks,
+            "trainable_params": af.trainable_parameter_count(),
+            "world_size": self.world,
+            "repacks": state.repacks,
+            "worker_seconds": round(state.worker_seconds, 3),  # ranks x training seconds, across re-packs
+            "cache": af.cache.manifest() if af.cache is not None else None,
+            "epochs": history,
+            "config": self.config_path,
+        }
+        if self.is_main:
+            os.makedirs(args.output_dir, exist_ok=True)
+            write_json(os.path.join(args.output_dir, "all_results.json"), results)
+            events = ", ".join(f"step {e['step']} -> {e['frozen_blocks']}" for e in af.freeze_events) or "none"
+            lines = [f"  {k:<20} {results[k]}" for k in (*metrics, "train_loss", "train_runtime", "train_steps",
+                                                         "final_frozen_blocks", "trainable_params")]
+            if af.cache is not None:
+                stats = af.cache.stats
+                lines.append(f"  {'cache':<20} hit rate {stats.hit_rate:.3f} (RAM {stats.ram_hits}, disk "
+                             f"{stats.disk_hits}, miss {stats.misses}), stall {stats.stall_seconds:.1f}s")
+            if state.repacks:
+                lines.append(f"  {'repacks':<20} " + ", ".join(f"step {r['step']}: {r['from_workers']} -> "
+                                                                f"{r['workers']}" for r in state.repacks))
+            if af.decider is not None and af.decider.interval is not None and not af.freeze_events:
+                events += (f" ({af.decider.config.name}: no decision found a block safe to freeze; each "
+                           "decision's statistics are in all_results.json)")
+            self.say("\n".join(["summary:", *lines, f"  {'freeze_events':<20} {events}",
+                                f"  results written to {os.path.join(args.output_dir, 'all_results.json')}"]))
+        af.close()
+        return results
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else argv
+    recipe = FinetuneRecipe(parse_args(argv), argv)
+    recipe.setup()
+    request = recipe.train()
+    if request is not None:
+        relaunch(argv, recipe.config, request.plan, request.tag_dir, recipe.is_main)
+    return recipe.finish()
 
 
 def read_launch_state(tag_dir: str) -> dict:
