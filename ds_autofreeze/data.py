@@ -12,7 +12,7 @@ import json
 import os
 import random
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 import torch
 
@@ -135,9 +135,7 @@ class TextExamples:
     source: str
 
 
-def select_examples(rows: Sequence[dict], text_columns: Sequence[str], label_column: str, source: str,
-                    max_samples: Optional[int] = None) -> TextExamples:
-    rows = rows[:max_samples] if max_samples is not None else rows
+def select_examples(rows: Sequence[dict], text_columns: Sequence[str], label_column: str, source: str) -> TextExamples:
     require_columns(rows, (*text_columns, label_column), source)
     texts, labels = [], []
     for i, row in enumerate(rows):
@@ -146,6 +144,19 @@ def select_examples(rows: Sequence[dict], text_columns: Sequence[str], label_col
         texts.append(parts if len(parts) <= 2 else (" ".join(parts),))
         labels.append(parse_label(row[label_column], source, i, label_column))
     return TextExamples(texts, labels, source)
+
+
+def group_texts(sequences: Iterable[Sequence[int]], block_size: int, max_blocks: Optional[int] = None) -> torch.Tensor:
+    """Hugging Face run_clm.py's ``group_texts``: the token sequences concatenated and cut into
+    blocks of ``block_size`` tokens, the remainder dropped; (blocks, block_size). With
+    ``max_blocks``, the first ones only, and ``sequences`` is read no further than they need."""
+    ids: list[int] = []
+    for sequence in sequences:
+        ids.extend(sequence)
+        if max_blocks is not None and len(ids) >= max_blocks * block_size:
+            break
+    count = len(ids) // block_size if max_blocks is None else min(len(ids) // block_size, max_blocks)
+    return torch.tensor(ids[:count * block_size], dtype=torch.long).view(count, block_size)
 
 
 class TokenizedDataset:

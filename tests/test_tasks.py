@@ -1,7 +1,9 @@
 """The non-classification tasks: data formats, features, scoring, and launch/finetune.py runs with
-tiny random models (BERT for QA / multiple choice, BART and T5 for summarization)."""
+tiny random models (BERT for QA / multiple choice, BART and T5 for summarization, Llama and GPT-2 for
+causal LM)."""
 import argparse
 import json
+import math
 import random
 
 import pytest
@@ -10,8 +12,8 @@ import torch
 from conftest import WORDS_NEG, WORDS_POS, write_config
 from test_finetune import run
 
-from ds_autofreeze.data import DataError, read_rows
-from ds_autofreeze.tasks import EvalSet, QuestionAnswering, add_arguments
+from ds_autofreeze.data import DataError, group_texts, imdb_split, read_rows
+from ds_autofreeze.tasks import CausalLM, EvalSet, QuestionAnswering, add_arguments, build_task
 
 WORDS = [*WORDS_POS, *WORDS_NEG, "the", "movie", "was"]
 SCHEDULE_CACHE = {"decider": {"name": "schedule", "schedule": [{"fraction": 0.2, "num_frozen_blocks": 1},
@@ -89,6 +91,28 @@ def summary_rows(n: int, seed: int) -> list[dict]:
     for _ in range(n):
         words = rng.choices(WORDS, k=12)
         rows.append({"article": " ".join(words), "summary": " ".join(words[:3])})
+    return rows
+
+
+def text_rows(n: int, seed: int) -> list[dict]:
+    """Texts of 4-12 words: a review's sentiment words then "the movie was" and more of them."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        words = WORDS_POS if rng.random() < 0.5 else WORDS_NEG
+        rows.append({"text": " ".join([*rng.choices(words, k=rng.randint(1, 6)), "the", "movie", "was",
+                                       *rng.choices(words, k=rng.randint(0, 3))])})
+    return rows
+
+
+def instruction_rows(n: int, seed: int) -> list[dict]:
+    """Prompts of 3-5 words (sentiment words, then "the movie"); responses of 1-4 words of the same sentiment."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        words = WORDS_POS if rng.random() < 0.5 else WORDS_NEG
+        rows.append({"prompt": " ".join([*rng.choices(words, k=rng.randint(1, 3)), "the", "movie"]),
+                     "response": " ".join(rng.choices(words, k=rng.randint(1, 4)))})
     return rows
 
 
@@ -185,22 +209,121 @@ def test_multiple_choice_rejects_a_label_past_the_endings(tmp_path, tiny_model_d
         MultipleChoice(task_args(train_file=path, validation_file=path)).load(AutoTokenizer.from_pretrained(tiny_model_dir))
 
 
+def test_causal_lm_text_is_grouped_into_blocks_as_run_clm(tmp_path, causal_lm_dirs):
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(causal_lm_dirs["llama"])
+    rows = text_rows(40, 0)
+    path = write_jsonl(tmp_path / "t.jsonl", rows)
+    train, evaluation = CausalLM(task_args(train_file=path, validation_file=path, block_size=8,
+                                           max_train_samples=5)).load(tokenizer)
+    tokens = [t for r in rows for t in tokenizer(r["text"])["input_ids"]]  # no separator between texts
+    assert train.tensors["input_ids"].tolist() == [tokens[i:i + 8] for i in range(0, 40, 8)]  # 5 blocks
+    assert evaluation.num_examples == len(tokens) // 8  # all of them, the remainder dropped
+    held_out = evaluation.features.tensors
+    assert torch.equal(held_out["labels"], held_out["input_ids"]) and held_out["attention_mask"].all()
+    short = write_jsonl(tmp_path / "short.jsonl", rows[:2])  # under 32 tokens
+    with pytest.raises(DataError, match="short.jsonl: the texts of 'text' hold fewer tokens than one block"):
+        CausalLM(task_args(train_file=short, validation_file=path, block_size=32)).load(tokenizer)
+    tokenizer.model_max_length = 64
+    with pytest.raises(DataError, match="--block_size 65: must be between 2 .* model_max_length 64"):
+        CausalLM(task_args(train_file=path, validation_file=path, block_size=65)).load(tokenizer)
+    assert CausalLM(task_args())._block_size(tokenizer) == 64  # the default: min(1024, model_max_length)
+
+
+def test_causal_lm_default_data_is_the_packaged_reviews_as_text(tiny_model_dir):
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    train, evaluation = CausalLM(task_args(block_size=16, max_train_samples=4, max_eval_samples=2)).load(tokenizer)
+    reviews, held_out = imdb_split()
+    expected = group_texts((tokenizer(r["text"])["input_ids"] for r in reviews), 16, 4)
+    assert torch.equal(train.tensors["input_ids"], expected) and len(train) == 4
+    assert evaluation.num_examples == 2 and evaluation.features.tensors["input_ids"][0, 0] == tokenizer.cls_token_id
+    assert torch.equal(evaluation.features.tensors["input_ids"][0],
+                       torch.tensor(tokenizer(held_out[0]["text"])["input_ids"][:16]))
+    with pytest.raises(DataError, match=r"causal_lm needs --train_file and --validation_file \(or neither"):
+        CausalLM(task_args(train_file="x.jsonl")).load(tokenizer)
+
+
+def test_causal_lm_instruction_loss_is_on_the_response_only(tmp_path, causal_lm_dirs):
+    """Labels are the response's tokens and the end of sequence; -100 exactly on the prompt and the
+    padding. The tokenizer has no padding token: it pads with the end-of-sequence token, which is
+    still learnt where it ends a response."""
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(causal_lm_dirs["gpt2"])
+    assert tokenizer.pad_token_id is None
+    rows = [{"prompt": "the movie was", "response": "great fun"},
+            {"prompt": "the movie was good", "response": "great fun superb good love"},  # cut at the block
+            {"prompt": "the movie", "response": ""}]
+    path = write_jsonl(tmp_path / "i.jsonl", rows)
+    train, _ = CausalLM(task_args(train_file=path, validation_file=path, block_size=8,
+                                  prompt_column="prompt")).load(tokenizer)
+    ids = dict(zip(WORDS, tokenizer.convert_tokens_to_ids(WORDS)))
+    eos = tokenizer.eos_token_id
+
+    def tok(text):
+        return [ids[w] for w in text.split()]
+
+    t = train.tensors
+    assert t["input_ids"].tolist() == [tok("the movie was great fun") + [eos] * 3,
+                                       tok("the movie was good great fun superb good"),
+                                       tok("the movie") + [eos] * 6]
+    assert t["labels"].tolist() == [[-100] * 3 + tok("great fun") + [eos] + [-100] * 2,
+                                    [-100] * 4 + tok("great fun superb good"),
+                                    [-100] * 2 + [eos] + [-100] * 5]
+    assert t["attention_mask"].tolist() == [[1] * 6 + [0] * 2, [1] * 8, [1] * 3 + [0] * 5]
+    with pytest.raises(DataError, match="row 1: the prompt takes 4 tokens, leaving none of the response"):
+        CausalLM(task_args(train_file=path, validation_file=path, block_size=4, prompt_column="prompt")).load(tokenizer)
+
+
+def test_causal_lm_eval_loss_is_the_mean_token_cross_entropy(tmp_path, causal_lm_dirs):
+    """The held-out loss weighs every scored token alike (examples hold different numbers of them),
+    whatever the batch size, and is what the model's own loss gives; perplexity is its exponential."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(causal_lm_dirs["llama"])
+    path = write_jsonl(tmp_path / "i.jsonl", instruction_rows(7, 1))
+    task = CausalLM(task_args(train_file=path, validation_file=path, block_size=12, prompt_column="prompt"))
+    _, evaluation = task.load(tokenizer)
+    model = AutoModelForCausalLM.from_pretrained(causal_lm_dirs["llama"], **task.model_kwargs())
+    features = evaluation.features
+    counts = (features.tensors["labels"][:, 1:] != -100).sum(1)
+    assert len(set(counts.tolist())) > 1
+    with torch.no_grad():
+        model.eval()
+        per_example = torch.stack([model(**features.batch([i])).loss for i in range(len(features))])
+        whole = model(**features.batch(range(len(features)))).loss  # one batch: the token mean
+    expected = float((per_example.double() * counts).sum() / counts.sum())
+    assert expected == pytest.approx(float(whole), rel=1e-6)
+    for batch_size in (1, 3):
+        scores = task.evaluate(model, evaluation, batch_size)
+        assert scores["loss"] == pytest.approx(expected, rel=1e-6)
+        assert scores["perplexity"] == math.exp(scores["loss"])
+    assert model.training  # evaluate puts the model back in training mode
+
+
 # ---------------------------------------------------------------- end to end, cache exactness
+def save_word_tokenizer(path, specials: list[str], end_with_eos: bool, **special_tokens) -> dict[str, int]:
+    """A word-level tokenizer over WORDS (``end_with_eos``: appending </s> to every text), saved to path; its vocab."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+    vocab = {w: i for i, w in enumerate([*specials, *WORDS])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    if end_with_eos:
+        tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", vocab["</s>"])])
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>",
+                            **special_tokens).save_pretrained(path)
+    return vocab
+
+
 @pytest.fixture(scope="session")
 def seq2seq_dirs(tmp_path_factory):
     """Tiny random BART and T5 with a word-level tokenizer, saved as local models."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import (BartConfig, BartForConditionalGeneration, PreTrainedTokenizerFast, T5Config,
-                              T5ForConditionalGeneration)
+    from transformers import BartConfig, BartForConditionalGeneration, T5Config, T5ForConditionalGeneration
     dirs = {}
     for family, specials in (("bart", ["<s>", "<pad>", "</s>", "<unk>"]), ("t5", ["<pad>", "</s>", "<unk>"])):
-        vocab = {w: i for i, w in enumerate([*specials, *WORDS])}
-        tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-        tok.pre_tokenizer = pre_tokenizers.Whitespace()
-        tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", vocab["</s>"])])
         path = tmp_path_factory.mktemp(family)
-        PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
-                                **({"bos_token": "<s>"} if family == "bart" else {})).save_pretrained(path)
+        vocab = save_word_tokenizer(path, specials, True, pad_token="<pad>",
+                                    **({"bos_token": "<s>"} if family == "bart" else {}))
         torch.manual_seed(0)
         if family == "bart":
             model = BartForConditionalGeneration(BartConfig(
@@ -211,6 +334,30 @@ def seq2seq_dirs(tmp_path_factory):
             model = T5ForConditionalGeneration(T5Config(
                 vocab_size=len(vocab), d_model=32, d_kv=16, d_ff=64, num_layers=4, num_decoder_layers=2, num_heads=2,
                 pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+        model.save_pretrained(path)
+        dirs[family] = str(path)
+    return dirs
+
+
+@pytest.fixture(scope="session")
+def causal_lm_dirs(tmp_path_factory):
+    """Tiny random causal LMs with a word-level tokenizer that adds no special tokens and, like
+    GPT-2's, has no padding token: Llama (4 blocks, LM head untied) and GPT-2 (4 blocks, tied)."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+    dirs = {}
+    for family in ("llama", "gpt2"):
+        path = tmp_path_factory.mktemp(family)
+        vocab = save_word_tokenizer(path, ["<unk>", "</s>"], False)
+        eos = vocab["</s>"]
+        torch.manual_seed(0)
+        if family == "llama":
+            model = LlamaForCausalLM(LlamaConfig(
+                vocab_size=len(vocab), hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+                num_key_value_heads=1, intermediate_size=64, max_position_embeddings=64, bos_token_id=eos,
+                eos_token_id=eos))
+        else:
+            model = GPT2LMHeadModel(GPT2Config(vocab_size=len(vocab), n_layer=4, n_embd=32, n_head=2, n_positions=64,
+                                               bos_token_id=eos, eos_token_id=eos))
         model.save_pretrained(path)
         dirs[family] = str(path)
     return dirs
@@ -274,46 +421,74 @@ def test_summarization_end_to_end_with_cache(tmp_path, seq2seq_dirs, family):
     assert_cache_exact(plain, cached, ("eval_rouge1", "eval_rouge2", "eval_rougeL"))
 
 
-def _evaluate_on_ranks(rank, world, model_dir, train, dev):
-    """Each rank scores its share of the held-out examples of a QA and a multiple-choice set, with
-    plain models, and of the QA set with a ZeRO-3 engine (weights partitioned over the ranks)."""
+@pytest.mark.parametrize("family,data", [("llama", "text"), ("gpt2", "instructions")])
+def test_causal_lm_end_to_end_with_cache(tmp_path, causal_lm_dirs, family, data):
+    """Llama on grouped text; GPT-2 (LM head tied to the embeddings, dropout on) on instruction data."""
+    if data == "text":
+        train = write_jsonl(tmp_path / "train.jsonl", text_rows(80, 11))
+        dev = write_jsonl(tmp_path / "dev.jsonl", text_rows(20, 12))
+        common = ("--block_size", "12", "--max_train_samples", "48")
+    else:
+        train = write_jsonl(tmp_path / "train.jsonl", instruction_rows(48, 11))
+        dev = write_jsonl(tmp_path / "dev.jsonl", instruction_rows(12, 12))
+        common = ("--block_size", "12", "--prompt_column", "prompt")
+    plain, out = run_task(tmp_path, "plain", "causal_lm", causal_lm_dirs[family], train, dev, SCHEDULE, *common)
+    cached, _ = run_task(tmp_path, "cached", "causal_lm", causal_lm_dirs[family], train, dev, SCHEDULE_CACHE, *common)
+    assert plain["task"] == "causal_lm" and plain["num_blocks"] == 4 and plain["train_steps"] == 18
+    assert plain["eval_perplexity"] == math.exp(plain["eval_loss"]) and "eval_perplexity" in out
+    assert plain["eval_loss"] < math.log(17)  # it learnt: below a uniform guess over the 17 tokens
+    assert_cache_exact(plain, cached, ("eval_loss", "eval_perplexity"))
+
+
+def _evaluate_on_ranks(rank, world, runs):
+    """Each rank scores its share of the held-out examples of each run (name, task, model directory,
+    train file, held-out file, task arguments), with a plain model, or, for a name ending in
+    "zero3", a ZeRO-3 engine (weights partitioned over the ranks)."""
     import deepspeed
-    from transformers import AutoModelForMultipleChoice, AutoModelForQuestionAnswering, AutoTokenizer
+    from transformers import AutoTokenizer
     import ds_autofreeze
     from conftest import ds_config
-    from ds_autofreeze.tasks import MultipleChoice
     deepspeed.init_distributed(dist_backend="gloo")
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     scores = {}
-    for name, task, cls, files in (("qa", QuestionAnswering, AutoModelForQuestionAnswering, (train[0], dev[0])),
-                                   ("mc", MultipleChoice, AutoModelForMultipleChoice, (train[1], dev[1])),
-                                   ("qa-zero3", QuestionAnswering, AutoModelForQuestionAnswering, (train[0], dev[0]))):
+    for name, task_name, model_dir, train, dev, overrides in runs:
+        task = build_task(task_args(task=task_name, train_file=train, validation_file=dev, **overrides))
         torch.manual_seed(0)  # the same random head on every rank
-        model = cls.from_pretrained(model_dir, ignore_mismatched_sizes=True)
+        model = task.model_class().from_pretrained(model_dir, ignore_mismatched_sizes=True, **task.model_kwargs())
         if name.endswith("zero3"):
             config = ds_config(3)
             config["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # partition every weight
             model, *_ = ds_autofreeze.initialize(model=model, config=config)
-        t = task(task_args(train_file=files[0], validation_file=files[1], max_seq_length=24, doc_stride=8))
-        _, evaluation = t.load(tokenizer)
-        scores[name] = t.evaluate(model, evaluation, batch_size=5)
+        _, evaluation = task.load(AutoTokenizer.from_pretrained(model_dir))
+        scores[name] = task.evaluate(model, evaluation, batch_size=5)
     return scores
 
 
-def test_evaluation_scores_do_not_depend_on_the_number_of_ranks(tmp_path, tiny_model_dir):
+def test_evaluation_scores_do_not_depend_on_the_number_of_ranks(tmp_path, tiny_model_dir, causal_lm_dirs):
     """Held-out examples are split by example over the ranks (a QA example's windows stay together)
     and summed: two ranks report what one rank does. Under ZeRO-3 the ranks, which hold different
-    numbers of QA windows, still run their forwards in lockstep (else they would hang)."""
+    numbers of QA windows (and of causal-LM examples), still run their forwards in lockstep (else
+    they would hang)."""
     from multirank import run_ranks
-    train = [write_jsonl(tmp_path / "qa.jsonl", squad_rows(8, 9)), write_jsonl(tmp_path / "mc.jsonl", swag_rows(8, 9))]
-    dev = [write_jsonl(tmp_path / "qa_dev.jsonl", squad_rows(21, 10)),
-           write_jsonl(tmp_path / "mc_dev.jsonl", swag_rows(15, 10))]
-    one = run_ranks(_evaluate_on_ranks, 1, tiny_model_dir, train, dev)[0]
-    two = run_ranks(_evaluate_on_ranks, 2, tiny_model_dir, train, dev, timeout=180)
+    qa = (write_jsonl(tmp_path / "qa.jsonl", squad_rows(8, 9)),
+          write_jsonl(tmp_path / "qa_dev.jsonl", squad_rows(21, 10)))
+    mc = (write_jsonl(tmp_path / "mc.jsonl", swag_rows(8, 9)), write_jsonl(tmp_path / "mc_dev.jsonl", swag_rows(15, 10)))
+    lm = (write_jsonl(tmp_path / "lm.jsonl", instruction_rows(8, 9)),
+          write_jsonl(tmp_path / "lm_dev.jsonl", instruction_rows(15, 10)))
+    short = {"max_seq_length": 24, "doc_stride": 8}
+    instructions = {"block_size": 10, "prompt_column": "prompt"}
+    runs = [("qa", "question_answering", tiny_model_dir, *qa, short),
+            ("mc", "multiple_choice", tiny_model_dir, *mc, short),
+            ("qa-zero3", "question_answering", tiny_model_dir, *qa, short),
+            ("lm", "causal_lm", causal_lm_dirs["llama"], *lm, instructions),
+            ("lm-zero3", "causal_lm", causal_lm_dirs["llama"], *lm, instructions)]
+    one = run_ranks(_evaluate_on_ranks, 1, runs)[0]
+    two = run_ranks(_evaluate_on_ranks, 2, runs, timeout=180)
     assert two[0] == two[1]
     for name, scores in one.items():
         assert scores.keys() == two[0][name].keys()
-        # torchmetrics' SQuAD means are float32: per-rank sums agree to float32 precision.
-        assert all(two[0][name][m] == pytest.approx(v, abs=1e-6) for m, v in scores.items())
+        # torchmetrics' SQuAD means and the model's loss sums are float32: per-rank sums agree to
+        # float32 precision.
+        assert all(two[0][name][m] == pytest.approx(v, rel=1e-6, abs=1e-6) for m, v in scores.items())
     assert one["qa-zero3"] == pytest.approx(one["qa"])
+    assert one["lm-zero3"] == pytest.approx(one["lm"], rel=1e-6)
     assert 0 < one["qa"]["f1"] < 1  # a random head gets some right: the comparison means something
