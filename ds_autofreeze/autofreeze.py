@@ -22,7 +22,7 @@ from __future__ import annotations
 import functools
 import inspect
 import os
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Callable, Mapping, Optional, Union
 
 import deepspeed
 import torch
@@ -57,6 +57,9 @@ class AutoFreeze:
             self.controller.bind(engine.optimizer)
         self.freeze_events: list[dict[str, Any]] = []
         self.repartition_seconds: list[float] = []
+        # Called after every freeze with the new boundary. The engine's optimizer is then a new
+        # object (the old one is emptied): whoever else holds it (a Trainer's wrappers) re-points here.
+        self.freeze_listeners: list[Callable[[int], None]] = []
         self._cache_manifest: Optional[dict] = None  # from a checkpoint loaded before a cache was attached
         self._step = engine.global_steps
         self._originals = {name: getattr(engine, name) for name in ("save_checkpoint", "load_checkpoint",
@@ -116,6 +119,8 @@ class AutoFreeze:
         if self.controller is not None:
             self.controller.bind(self.engine.optimizer)
         self.prefix.set_boundary(num_frozen_blocks)
+        for listener in self.freeze_listeners:
+            listener(num_frozen_blocks)
 
     def set_probe(self, batch: dict[str, torch.Tensor]) -> None:
         """This rank's shard of the drift statistic's probe set (the same number of rows on every rank)."""

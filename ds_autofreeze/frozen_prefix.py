@@ -37,7 +37,7 @@ class FrozenPrefix:
         self.cache: Optional[ActivationCache] = None
         self._copies: dict[int, nn.Module] = {}  # id(original frozen module) -> its plain replicated copy
         self._contexts: list[Optional[contextlib.ExitStack]] = []  # per forward in flight (forwards nest)
-        self._computing = False
+        self.computing = False  # while the prefix runs inside: the model's forward must not be served again
         model = adapter.model
         self._handles = [model.register_forward_pre_hook(self._before, with_kwargs=True),
                          model.register_forward_hook(self._after, always_call=True)]
@@ -79,7 +79,7 @@ class FrozenPrefix:
         k = self.adapter.num_frozen
         stack = None
         use_cache = self.cache is not None and ids is not None and self.adapter.model.training
-        if k and not args and not self._computing and (use_cache or self.replicate):
+        if k and not args and not self.computing and (use_cache or self.replicate):
             inputs = {name: v for name, v in kwargs.items() if name != "labels"}
             hidden = self._from_cache([int(i) for i in ids], inputs) if use_cache else self.compute(k, inputs)
             stack = contextlib.ExitStack()
@@ -95,12 +95,12 @@ class FrozenPrefix:
     def compute(self, block: int, inputs: dict[str, Any], start: Optional[tuple[int, torch.Tensor]] = None) -> torch.Tensor:
         """Hidden states entering ``block`` (from the embeddings, or from ``start`` = (k, states
         entering k)), on the replicated copies when there are any."""
-        self._computing = True  # the model's forward runs inside: it must not be served again
+        self.computing = True
         try:
             with self._swapped():
                 return self.adapter.hidden_before(block, inputs, start=start)
         finally:
-            self._computing = False
+            self.computing = False
 
     @contextlib.contextmanager
     def _swapped(self):
@@ -132,10 +132,13 @@ class FrozenPrefix:
             prev = {j: prev[n * per:(n + 1) * per] for n, j in enumerate(missing)}
             from_prev = [j for j in missing if all(e is not None for e in prev[j])]
             from_embeddings = [j for j in missing if j not in from_prev]
+            batch = inputs["input_ids"].shape[0]
             for examples, start in ((from_prev, prev_k), (from_embeddings, None)):
                 if not examples:
                     continue
-                sub = {name: v[examples] for name, v in inputs.items()}
+                # Per-example inputs are sliced; anything else (a Trainer's num_items_in_batch) is passed on.
+                sub = {name: v[examples] if torch.is_tensor(v) and v.dim() and v.shape[0] == batch else v
+                       for name, v in inputs.items()}
                 begin = None
                 if start is not None:  # run only the newly frozen blocks, from the previous boundary's entries
                     begin = (start, _padded([e for j in examples for e in prev[j]], seq_len, device))

@@ -1,0 +1,184 @@
+"""Trainer path vs launcher path: the same fine-tuning through Hugging Face's Trainer + AutoFreezeCallback
+(launch/trainer.py) and through launch/finetune.py, in bench/compare.py's setting.
+
+    python bench/trainer.py                  # MiniLM-L6, IMDb 4,000 / 5,000, 3 epochs, batch 32, seed 42
+    python bench/trainer.py --seeds 42 43 44 # the accuracy spread over seeds, both paths
+    python bench/trainer.py --max_train_samples 320 --max_eval_samples 200 --num_train_epochs 1   # a quick look
+
+Both run AutoFreeze (gradnorm) with the activation cache: configs/autofreeze_cache.json, and its
+Trainer twin configs/trainer_autofreeze_cache.json (the same values, "auto" where the Trainer sets
+them; the Trainer's warmup is given the launcher's step count). Runs go one after another (on 2
+cores a parallel run would distort both timings); each is about 30 minutes here at the full size.
+Three questions, answered in the summary:
+
+- Same freeze steps? Not expected to be exact: the paths differ in data order (the Trainer's
+  sampler against the launcher's per-rank shards), in the dropout stream, and the Trainer hands
+  DeepSpeed's optimizer one parameter group (weight decay on biases and norms too); how early the
+  rule freezes depends on the dropout stream (README).
+- Accuracy within the seed spread? Per seed, |trainer - launcher| against the spread (max - min)
+  of the launcher's accuracies over --seeds; with one seed, against --seed_spread.
+- Trainer overhead <= 5%? The ratio of training times (evaluation and checkpoints excluded on
+  both) at the same work: when the freeze steps differ, both paths run again (first seed) with the
+  launcher's freeze steps as a fixed schedule (the ``schedule`` decider), and those are compared.
+
+Prints a markdown table and the summary; writes <out>.json (default bench/results/trainer.json),
+the runs' outputs under <out>/.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Optional
+
+from compare import ROOT, bench_parser, run_one
+
+LAUNCHER_CONFIG = "configs/autofreeze_cache.json"
+TRAINER_CONFIG = "configs/trainer_autofreeze_cache.json"
+BATCH = 32  # both configs' micro-batch; one process, no accumulation
+WARMUP = 0.06  # configs/autofreeze_cache.json's warmup_num_steps, a fraction of the run
+OVERHEAD_LIMIT = 1.05
+
+
+def total_steps(args: argparse.Namespace) -> int:
+    """Optimizer steps of a run on either path (whole batches only)."""
+    return args.max_train_samples // BATCH * args.num_train_epochs
+
+
+def run_trainer(name: str, config: str, args: argparse.Namespace, seed: int) -> dict:
+    """One launch/trainer.py run; its all_results.json plus wall time."""
+    out_dir = os.path.join(args.out, name)
+    # launch/finetune.py's warmup: a fraction of the run, rounded (the Trainer would round up).
+    warmup = max(1, round(WARMUP * total_steps(args)))
+    cmd = [sys.executable, os.path.join(ROOT, "launch", "trainer.py"), "--deepspeed_config", os.path.join(ROOT, config),
+           "--output_dir", out_dir, "--max_train_samples", str(args.max_train_samples),
+           "--max_eval_samples", str(args.max_eval_samples), "--max_seq_length", str(args.max_seq_length),
+           "--num_train_epochs", str(args.num_train_epochs), "--per_device_train_batch_size", str(BATCH),
+           "--warmup_steps", str(warmup), "--seed", str(seed), "--save_strategy", "no", "--no_progress"]
+    os.makedirs(out_dir, exist_ok=True)
+    log_path = os.path.join(out_dir, "log.txt")
+    print(f"[{name}] {' '.join(cmd)}  (log: {log_path})", flush=True)
+    start = time.perf_counter()
+    with open(log_path, "w") as log:
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                              env={**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")})
+    if proc.returncode != 0:
+        with open(log_path) as f:
+            raise SystemExit(f"[{name}] failed with exit code {proc.returncode}:\n{f.read()[-3000:]}")
+    with open(os.path.join(out_dir, "all_results.json")) as f:
+        result = json.load(f)
+    result["wall_seconds"] = round(time.perf_counter() - start, 1)
+    print(f"[{name}] accuracy {result['eval_accuracy']:.4f}, train {result['train_runtime']:.1f}s, "
+          f"frozen {result['final_frozen_blocks']}", flush=True)
+    return result
+
+
+def with_schedule(path: str, events: list[dict], steps: int, directory: str, name: str) -> str:
+    """``path`` with its decider replaced by a fixed schedule freezing at ``events``' steps (no freezing
+    for none); the path written."""
+    with open(os.path.join(ROOT, path)) as f:
+        config = json.load(f)
+    if events:
+        config["autofreeze"]["decider"] = {"name": "schedule", "schedule": [
+            {"fraction": e["step"] / steps, "num_frozen_blocks": e["frozen_blocks"]} for e in events]}
+    else:
+        config["autofreeze"]["enabled"] = False
+    out = os.path.join(directory, f"{name}.json")
+    with open(out, "w") as f:
+        json.dump(config, f, indent=1)
+    return out
+
+
+def freezes(result: dict) -> str:
+    return ", ".join(f"{e['frozen_blocks']}@{e['step']}" for e in result["freeze_events"]) or "none"
+
+
+def table(results: dict[str, dict]) -> str:
+    rows = ["| run | eval accuracy | train time (s) | frozen blocks (k@step) | cache hit rate |",
+            "|---|---|---|---|---|"]
+    for name, r in results.items():
+        cache = r.get("cache") or {}
+        hit = f"{cache['stats']['hit_rate']:.3f}" if cache.get("stats") else "n/a"
+        rows.append(f"| {name} | {r['eval_accuracy']:.4f} | {r['train_runtime']:.1f} | {freezes(r)} (of "
+                    f"{r['num_blocks']}) | {hit} |")
+    return "\n".join(rows)
+
+
+def summarize(results: dict[str, dict], seeds: list[int], seed_spread: float,
+              overhead: Optional[tuple[str, str]]) -> dict:
+    """The three answers (module doc), from the runs."""
+    launcher = {s: results[f"launcher seed{s}"] for s in seeds}
+    trainer = {s: results[f"trainer seed{s}"] for s in seeds}
+    accuracies = [r["eval_accuracy"] for r in launcher.values()]
+    spread = max(accuracies) - min(accuracies) if len(seeds) > 1 else seed_spread
+    deltas = {s: trainer[s]["eval_accuracy"] - launcher[s]["eval_accuracy"] for s in seeds}
+    base, other = overhead or (f"launcher seed{seeds[0]}", f"trainer seed{seeds[0]}")
+    ratio = results[other]["train_runtime"] / results[base]["train_runtime"]
+    return {
+        "same_freeze_steps": {s: freezes(trainer[s]) == freezes(launcher[s]) for s in seeds},
+        "accuracy_delta": deltas,
+        "seed_spread": spread,
+        "seed_spread_from": "launcher runs over --seeds" if len(seeds) > 1 else "--seed_spread",
+        "accuracy_within_spread": {s: abs(d) <= spread for s, d in deltas.items()},
+        "overhead_runs": [base, other],
+        "train_time_ratio": ratio,
+        "overhead_within_5_percent": ratio <= OVERHEAD_LIMIT,
+    }
+
+
+def summary_lines(summary: dict) -> str:
+    lines = []
+    for seed, same in summary["same_freeze_steps"].items():
+        delta = summary["accuracy_delta"][seed]
+        lines.append(f"- seed {seed}: same freeze steps: {'yes' if same else 'no'}; accuracy trainer - launcher "
+                     f"{100 * delta:+.2f} pt, {'within' if summary['accuracy_within_spread'][seed] else 'outside'} "
+                     f"the seed spread {100 * summary['seed_spread']:.2f} pt ({summary['seed_spread_from']})")
+    base, other = summary["overhead_runs"]
+    lines.append(f"- Trainer overhead: train time {other} / {base} = {summary['train_time_ratio']:.3f} "
+                 f"({'within' if summary['overhead_within_5_percent'] else 'over'} 5%)")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = bench_parser(__doc__, "trainer")
+    p.add_argument("--seeds", nargs="+", type=int, default=None, help="seeds to run both paths with (default: --seed)")
+    p.add_argument("--seed_spread", type=float, default=0.0032,
+                   help="accuracy spread to compare against with one seed (default: the README's two runs of one "
+                        "setting, 0.32 pt apart)")
+    args = p.parse_args()
+    seeds = args.seeds or [args.seed]
+
+    results: dict[str, dict] = {}
+    for seed in seeds:
+        results[f"launcher seed{seed}"] = run_one(f"launcher-seed{seed}", LAUNCHER_CONFIG, args,
+                                                  extra=["--seed", str(seed)])
+        results[f"trainer seed{seed}"] = run_trainer(f"trainer-seed{seed}", TRAINER_CONFIG, args, seed)
+    overhead = None
+    first = results[f"launcher seed{seeds[0]}"]
+    if freezes(first) != freezes(results[f"trainer seed{seeds[0]}"]):
+        # Train times compare only at the same work: both paths again, freezing where the launcher did.
+        with tempfile.TemporaryDirectory() as configs:
+            events, steps = first["freeze_events"], total_steps(args)
+            results["launcher (launcher's freezes)"] = run_one(
+                "launcher-schedule", with_schedule(LAUNCHER_CONFIG, events, steps, configs, "launcher"), args,
+                extra=["--seed", str(seeds[0])])
+            results["trainer (launcher's freezes)"] = run_trainer(
+                "trainer-schedule", with_schedule(TRAINER_CONFIG, events, steps, configs, "trainer"), args, seeds[0])
+        overhead = ("launcher (launcher's freezes)", "trainer (launcher's freezes)")
+
+    summary = summarize(results, seeds, args.seed_spread, overhead)
+    md = table(results)
+    print("\n" + md + "\n\n" + summary_lines(summary))
+    path = args.out + ".json"
+    with open(path, "w") as f:
+        json.dump({"command": " ".join(sys.argv), "settings": {**vars(args), "seeds": seeds}, "results": results,
+                   "table": md, "summary": summary}, f, indent=1)
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()
