@@ -151,6 +151,69 @@ def resume(tasks: list[str], seeds: list[int], fractions: list[float], blocks: l
                     json.dump(done, f, indent=1)
 
 
+# Step time relative to a full step, MiniLM-L6 at batch 32 x 128 (DESIGN.md, measured here): k blocks
+# frozen and run (a cache miss, or no cache) / frozen and served from the cache. Used only to rank
+# settings in the replay; the confirm runs measure real speed.
+STEP_TIME = {"run": {0: 1.0, 2: 1366 / 2028, 4: 985 / 2028, 5: 741 / 2028},
+             "cached": {0: 1.0, 2: 1207 / 2028, 4: 584 / 2028, 5: 269 / 2028}}
+
+
+def _interp(table: dict[float, float], x: float) -> float:
+    keys = sorted(table)
+    if x <= keys[0]:
+        return table[keys[0]]
+    if x >= keys[-1]:
+        return table[keys[-1]]
+    lo = max(k for k in keys if k <= x)
+    hi = min(k for k in keys if k >= x)
+    return table[lo] if lo == hi else table[lo] + (table[hi] - table[lo]) * (x - lo) / (hi - lo)
+
+
+def estimated_speedup(events: list[tuple[int, int]], total: int, steps_per_epoch: int, cache: bool = True) -> float:
+    """Full run time over the schedule's, from STEP_TIME: after a freeze, an example's frozen prefix
+    runs until the cache has it (the next epoch at the latest), then is served."""
+    boundary, moved_at, time = 0, 0, 0.0
+    pending = list(events)
+    for step in range(1, total + 1):
+        if pending and step > pending[0][0]:
+            moved_at, boundary = pending.pop(0)
+        filling = not cache or step - moved_at <= steps_per_epoch
+        time += _interp(STEP_TIME["run" if filling else "cached"], boundary)
+    return total / time
+
+
+def replay(decisions: list[dict], total: int, warmup: int, config: dict, num_blocks: int = NUM_BLOCKS) -> list:
+    """Freeze events (step, k) the decider ``config`` would have made on a watch run's logged
+    statistics, the logged intervals merged to its own interval. Exact up to the first freeze."""
+    from ds_autofreeze.config import get_autofreeze_config
+    records = [BlockStats.from_json(d["stats"]) for d in decisions]
+    logged = records[0].steps
+    cfg = get_autofreeze_config({"autofreeze": {"total_steps": total, "decider": config}}).decider
+    interval = config.get("interval_steps") or max(1, total // cfg.num_intervals)
+    parts = max(1, round(interval / logged))
+    cfg = cfg.model_copy(update={"interval_steps": parts * logged})
+    decider = build_decider(cfg, num_blocks, total, warmup)
+    boundary, events = 0, []
+    for i in range(parts - 1, len(records), parts):
+        merged = BlockStats.merge(records[i - parts + 1:i + 1])
+        if boundary:  # frozen blocks have no statistics in a real run either
+            merged = _without(merged, boundary)
+        new = decider.decide(merged.step, boundary, merged)
+        if new > boundary:
+            events.append((merged.step, new))
+            boundary = new
+    return events
+
+
+def _without(stats: BlockStats, boundary: int) -> BlockStats:
+    out = BlockStats.from_json(stats.to_json())
+    for name in ("grad_l1", "grad_sum_sq", "grad_sq_sum", "adam_m2", "adam_v", "drift"):
+        values = getattr(out, name)
+        if values is not None:
+            setattr(out, name, [None if b < boundary else v for b, v in enumerate(values)])
+    return out
+
+
 def main() -> None:
     global OUT
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])

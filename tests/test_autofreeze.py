@@ -303,3 +303,54 @@ def test_pyproject_declares_the_minimum_deepspeed_attach_checks():
         (spec,) = re.findall(r'"deepspeed([^"]*)"', f.read())
     assert re.search(r">=\s*([\d.]+)", spec).group(1) == MIN_DEEPSPEED
     assert Version(deepspeed.__version__.split("+")[0]) >= Version(MIN_DEEPSPEED)
+
+
+# ---------------------------------------------------------------- LoRA (PEFT)
+
+def lora_run(cache_dir=None, steps: int = 16):
+    """A LoRA-wrapped tiny BERT (adapters on every linear layer, the head trains), 2 blocks frozen
+    at step 4 with their adapters, the cache serving them if ``cache_dir``."""
+    from peft import LoraConfig, get_peft_model
+    from ds_autofreeze.cache import ActivationCache
+    from ds_autofreeze.config import CacheConfig
+    model = get_peft_model(tiny_bert(seed=0), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules="all-linear",
+                                                         task_type="SEQ_CLS"))
+    schedule = {"total_steps": steps, "decider": {"name": "schedule", "schedule": [
+        {"fraction": 4 / steps, "num_frozen_blocks": 2}]}}
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+                                      config=ds_config(1, schedule))
+    af = ds_autofreeze.attach(engine, schedule)
+    if cache_dir is not None:
+        af.attach_cache(ActivationCache(CacheConfig(enabled=True), str(cache_dir), 32, "d"))
+    data = batches(8)
+    names = {id(p): n for n, p in model.named_parameters()}
+    torch.manual_seed(123)
+    losses, at_freeze = [], {}
+    for step in range(steps):
+        b = step % 8
+        loss = engine(**data[b], example_ids=torch.arange(4 * b, 4 * b + 4)).loss
+        engine.backward(loss)
+        engine.step()
+        af.after_step()
+        losses.append(loss.item())
+        if step + 1 == 4:
+            at_freeze = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+    held = {names[id(f.param)] for f in af.repartitioner.layout.fragments()}
+    final = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+    af.close()
+    return losses, at_freeze, final, held
+
+
+def test_lora_adapters_of_frozen_blocks_freeze_with_them_and_the_cache_stays_exact(tmp_path):
+    losses, at_freeze, final, held = lora_run()
+    frozen = [n for n in final if ".layer.0." in n or ".layer.1." in n]
+    training = [n for n in final if ".layer.2." in n or ".layer.3." in n]
+    assert frozen and training
+    assert all(torch.equal(final[n], at_freeze[n]) for n in frozen)  # not one bit moved after the freeze
+    assert any(not torch.equal(final[n], at_freeze[n]) for n in training if "lora_B" in n)
+    # The optimizer holds the adapters of the trainable blocks and the head, nothing of the frozen ones.
+    assert not held & set(frozen) and set(training) <= held and any("classifier" in n for n in held)
+    assert all("lora_" in n or "classifier" in n for n in held)
+    cached_losses, _, cached_final, _ = lora_run(tmp_path / "c")
+    assert cached_losses == losses  # the cache serves the frozen prefix with its adapters, exactly
+    assert all(torch.equal(cached_final[n], final[n]) for n in final)

@@ -176,3 +176,20 @@ def test_finetune_bad_input_fails_with_one_line(case, tmp_path, tiny_model_dir, 
     assert "Traceback" not in proc.stderr
     assert "epoch" not in proc.stdout  # nothing trained
     assert not (tmp_path / "out").exists()
+
+
+def test_finetune_lora_with_the_cache_gives_the_same_run(tmp_path, tiny_model_dir, data_files):
+    common = ["--model_name_or_path", tiny_model_dir, "--train_file", data_files[0], "--validation_file",
+              data_files[1], "--max_seq_length", "16", "--num_train_epochs", "2", "--use_peft", "--lora_r", "4",
+              "--save_strategy", "no"]
+    results = {}
+    for name, af in (("plain", AUTOFREEZE), ("cached", CACHED)):
+        proc = run(common + ["--deepspeed_config", write_config(tmp_path / f"{name}.json", af),
+                             "--output_dir", str(tmp_path / name)])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert ", LoRA)" in proc.stdout
+        results[name] = json.loads((tmp_path / name / "all_results.json").read_text())
+    plain, cached = results["plain"], results["cached"]
+    assert plain["freeze_events"] and plain["trainable_params"] < 10_000  # adapters and the head only
+    assert cached["train_loss"] == plain["train_loss"] and cached["eval_accuracy"] == plain["eval_accuracy"]
+    assert not (tmp_path / "plain" / "checkpoints").exists()
