@@ -137,13 +137,18 @@ def resume(tasks: list[str], seeds: list[int], fractions: list[float], blocks: l
                 if not os.path.isdir(tag):
                     print(f"[{task} seed {seed}] no checkpoint at step {step} ({tag}); skipped")
                     continue
-                af = {"decider": {"name": "schedule", "min_trainable": 2,
-                                  "schedule": [{"fraction": step / total, "num_frozen_blocks": k}]},
-                      "cache": {"enabled": True}}
-                config = write_config(af, configs, f"resume-{task}")
-                args, extra = task_args(task, seed, run_dir(task, seed))
-                result = run_one(f"resume-{k}at{step}", config, args,
-                                 extra=[*extra, "--resume_from_checkpoint", tag, "--save_strategy", "no"])
+                finished = os.path.join(run_dir(task, seed), f"resume-{k}at{step}", "all_results.json")
+                if os.path.isfile(finished):  # an interrupted study: the run itself finished
+                    with open(finished) as f:
+                        result = {"wall_seconds": None, **json.load(f)}
+                else:
+                    af = {"decider": {"name": "schedule", "min_trainable": 2,
+                                      "schedule": [{"fraction": step / total, "num_frozen_blocks": k}]},
+                          "cache": {"enabled": True}}
+                    config = write_config(af, configs, f"resume-{task}")
+                    args, extra = task_args(task, seed, run_dir(task, seed))
+                    result = run_one(f"resume-{k}at{step}", config, args,
+                                     extra=[*extra, "--resume_from_checkpoint", tag, "--save_strategy", "no"])
                 done[name] = {key: result[key] for key in (TASKS[task]["metric"], "train_runtime", "freeze_events",
                                                            "epochs", "train_loss", "wall_seconds")}
                 done[name]["step"] = step

@@ -64,7 +64,12 @@ class SNRConfig(_IntervalDeciderBase):
     """A block can freeze only after one interval's summed gradient showed its signal: interval
     SNR (K x per-step SNR) at least this. A block that never showed signal is not "converged" but
     unmeasured (pure noise, too-short intervals), and stays trainable."""
-    patience: int = Field(2, ge=1)
+    window: int = Field(3, ge=1)
+    """Decisions whose per-step SNR estimates are averaged for each decision."""
+    confidence: float = Field(1.0, ge=0.0)
+    """Standard errors of that average added before comparing (an upper bound: what is left to learn
+    is more likely over- than underestimated)."""
+    patience: int = Field(1, ge=1)
     """Consecutive decisions a block must be done at before it freezes."""
 
 

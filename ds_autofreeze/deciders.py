@@ -175,6 +175,10 @@ class SNRDecider(IntervalDecider):
     ratio R x snr_b, R = (sum lr)^2 / sum lr^2 over the remaining steps (``future_steps``). The block
     is done when R x snr_b < z^2: what it could still learn would be drowned by noise.
 
+    One interval's estimate is noisy where the per-step signal is small (it can come out negative):
+    the decision reads the mean of the last ``window`` intervals' estimates plus ``confidence``
+    standard errors of that mean (from their spread), an upper bound on what is left to learn.
+
     A block qualifies only once armed: some interval's summed gradient must have shown its signal
     (K x snr_b >= ``arm``). A block whose signal was never measurable (pure noise, intervals too short
     for its noise level) is not known to have converged and stays trainable; this is what keeps the
@@ -188,6 +192,7 @@ class SNRDecider(IntervalDecider):
         super().__init__(config, num_blocks, total_steps, warmup_steps)
         self.needs = frozenset({"grad"} if config.estimator == "moments" else {"adam"})
         self.armed = [False] * num_blocks
+        self.recent: list[list[float]] = [[] for _ in range(num_blocks)]  # last ``window`` estimates per block
 
     def snr(self, stats: BlockStats, block: int) -> Optional[float]:
         if self.config.estimator == "moments":
@@ -201,20 +206,34 @@ class SNRDecider(IntervalDecider):
         if future is None or any(s is None or not math.isfinite(s) for s in snrs):
             record["skipped"] = "no signal-to-noise estimate" if future is not None else "no learning-rate schedule"
             return None
-        window = stats.steps if self.config.estimator == "moments" else 1.0 / (1.0 - stats.adam_beta1)
+        span = stats.steps if self.config.estimator == "moments" else 1.0 / (1.0 - stats.adam_beta1)
+        cfg, bounds = self.config, []
         for b, s in zip(range(boundary, self.num_blocks), snrs):
-            self.armed[b] = self.armed[b] or window * s >= self.config.arm
-        z2 = self.config.z ** 2
+            self.armed[b] = self.armed[b] or span * s >= cfg.arm
+            self.recent[b] = (self.recent[b] + [s])[-cfg.window:]
+            bounds.append(_upper_mean(self.recent[b], cfg.confidence) if len(self.recent[b]) == cfg.window else None)
         record.update(snr=[None] * boundary + [float(f"{s:.4g}") for s in snrs],
+                      snr_upper=[None] * boundary + [None if u is None else float(f"{u:.4g}") for u in bounds],
                       future_steps=float(f"{future:.4g}"), armed=list(self.armed))
-        return [self.armed[b] and future * s < z2 for b, s in zip(range(boundary, self.num_blocks), snrs)]
+        return [self.armed[b] and u is not None and future * u < cfg.z ** 2
+                for b, u in zip(range(boundary, self.num_blocks), bounds)]
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "armed": self.armed}
+        return {**super().state_dict(), "armed": self.armed, "recent": self.recent}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.armed = list(state.get("armed", [False] * self.num_blocks))
+        self.recent = [list(r) for r in state.get("recent", [[] for _ in range(self.num_blocks)])]
+
+
+def _upper_mean(values: list[float], confidence: float) -> float:
+    """The mean of ``values`` plus ``confidence`` standard errors of it (from their spread)."""
+    mean = sum(values) / len(values)
+    if len(values) < 2 or not confidence:
+        return mean
+    variance = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
+    return mean + confidence * math.sqrt(variance / len(values))
 
 
 class DriftDecider(IntervalDecider):
