@@ -122,6 +122,12 @@ class AutoFreeze:
         for listener in self.freeze_listeners:
             listener(num_frozen_blocks)
 
+    def pad_prefix_to(self, length: int, pad_id: int = 0) -> None:
+        """Batches are padded to their own longest row (dynamic padding): run the frozen prefix at
+        ``length`` (the longest any batch can be) and cut its output to the batch, so a row's frozen
+        output does not depend on the batch it came in and the cache stays exact."""
+        self.prefix.canonical_length, self.prefix.pad_id = length, pad_id
+
     def set_probe(self, batch: dict[str, torch.Tensor]) -> None:
         """This rank's shard of the drift statistic's probe set (the same number of rows on every rank)."""
         if self.controller is not None:

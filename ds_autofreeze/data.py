@@ -172,6 +172,9 @@ class TokenizedDataset:
         if len(sizes) != 1:
             raise ValueError(f"tensors disagree on the number of examples: { {k: len(t) for k, t in tensors.items()} }")
         self.tensors = tensors
+        # Batches padded to their own longest row (as Hugging Face's DataCollatorWithPadding does)
+        # instead of the tokenized length: set by the launcher for tasks whose loss never reads padding.
+        self.trim_padding = False
 
     def __len__(self) -> int:
         return len(self.tensors["input_ids"])
@@ -184,10 +187,23 @@ class TokenizedDataset:
         """CRC32 of what the blocks read: an activation cache store is reused only for the same data."""
         return crc32_of([self.tensors[k] for k in self._BLOCK_INPUTS if k in self.tensors])
 
+    @property
+    def seq_len(self) -> int:
+        """The tokenized (longest) length of every row."""
+        return self.tensors["input_ids"].shape[-1]
+
     def batch(self, ids: Sequence[int]) -> dict[str, torch.Tensor]:
-        """The examples ``ids`` as one batch of model inputs."""
+        """The examples ``ids`` as one batch of model inputs; with ``trim_padding``, cut after the
+        batch's last position any row attends to (right padding only: a cut on the left would move
+        positions)."""
         index = torch.as_tensor(list(ids), dtype=torch.long)
-        return {name: t[index] for name, t in self.tensors.items()}
+        batch = {name: t[index] for name, t in self.tensors.items()}
+        if self.trim_padding and "attention_mask" in batch:
+            used = batch["attention_mask"].reshape(-1, self.seq_len).any(0).nonzero()
+            length = int(used[-1]) + 1 if len(used) else 1
+            shape = self.tensors["input_ids"].shape[1:]
+            batch = {name: t[..., :length] if t.shape[1:] == shape else t for name, t in batch.items()}
+        return batch
 
 
 def epoch_steps(num_examples: int, seed: int, epoch: int, world: int, per_rank: int) -> list[list[int]]:

@@ -12,6 +12,11 @@ ZeRO-3 partitions every weight and gathers it for each forward, frozen ones incl
 re-partitions every weight at each step). With ``replicate_frozen_weights`` the frozen modules are
 gathered once at the freeze into plain copies on every rank (costing their full size per rank), and
 the prefix runs on the copies: the frozen weights leave the per-step all-gathers, cache or not.
+
+Batches padded to their own longest row (dynamic padding) would make a row's frozen output depend,
+in its last bits, on the batch it came in (kernels block the padded length differently): with a
+``canonical_length`` the prefix always runs at that length, cached or not, and its output is cut to
+the batch's. The trainable blocks run at the batch's length.
 """
 from __future__ import annotations
 
@@ -35,6 +40,8 @@ class FrozenPrefix:
         self.replicate = zero3 and replicate_frozen_weights
         self._gathered = gathered  # context manager making ZeRO-3 partitioned weights whole
         self.cache: Optional[ActivationCache] = None
+        self.canonical_length: Optional[int] = None  # see the module doc; set with dynamic padding
+        self.pad_id = 0  # input_ids of the positions added to reach it
         self._copies: dict[int, nn.Module] = {}  # id(original frozen module) -> its plain replicated copy
         self._contexts: list[Optional[contextlib.ExitStack]] = []  # per forward in flight (forwards nest)
         self.computing = False  # while the prefix runs inside: the model's forward must not be served again
@@ -79,7 +86,7 @@ class FrozenPrefix:
         k = self.adapter.num_frozen
         stack = None
         use_cache = self.cache is not None and ids is not None and self.adapter.model.training
-        if k and not args and not self.computing and (use_cache or self.replicate):
+        if k and not args and not self.computing and (use_cache or self.replicate or self.canonical_length):
             inputs = {name: v for name, v in kwargs.items() if name != "labels"}
             hidden = self._from_cache([int(i) for i in ids], inputs) if use_cache else self.compute(k, inputs)
             stack = contextlib.ExitStack()
@@ -94,13 +101,18 @@ class FrozenPrefix:
 
     def compute(self, block: int, inputs: dict[str, Any], start: Optional[tuple[int, torch.Tensor]] = None) -> torch.Tensor:
         """Hidden states entering ``block`` (from the embeddings, or from ``start`` = (k, states
-        entering k)), on the replicated copies when there are any."""
+        entering k) at the computing length), on the replicated copies when there are any, at the
+        canonical length if one is set, cut to the inputs' length."""
+        length = inputs["input_ids"].shape[-1]
+        if self.canonical_length and length < self.canonical_length:
+            inputs = _pad_inputs(inputs, self.canonical_length, self.pad_id)
         self.computing = True
         try:
             with self._swapped():
-                return self.adapter.hidden_before(block, inputs, start=start)
+                hidden = self.adapter.hidden_before(block, inputs, start=start)
         finally:
             self.computing = False
+        return hidden[:, :length].contiguous()  # as the cache serves it: kernels may round strided inputs differently
 
     @contextlib.contextmanager
     def _swapped(self):
@@ -123,6 +135,7 @@ class FrozenPrefix:
         k, cache = self.adapter.num_frozen, self.cache
         per = int(torch.Size(inputs["input_ids"].shape[1:-1]).numel())
         seq_len, device = inputs["input_ids"].shape[-1], inputs["input_ids"].device
+        computing_len = max(seq_len, self.canonical_length or 0)
         entries = cache.get(row_keys(ids, per))
         missing = sorted({j // per for j, e in enumerate(entries) if e is None})  # examples
         if missing:
@@ -141,7 +154,7 @@ class FrozenPrefix:
                        for name, v in inputs.items()}
                 begin = None
                 if start is not None:  # run only the newly frozen blocks, from the previous boundary's entries
-                    begin = (start, _padded([e for j in examples for e in prev[j]], seq_len, device))
+                    begin = (start, _padded([e for j in examples for e in prev[j]], computing_len, device))
                 computed = self.compute(k, sub, start=begin)
                 rows = row_keys(examples, per)  # positions in this batch
                 cache.put(row_keys([ids[j] for j in examples], per), computed,
@@ -188,8 +201,22 @@ def _unpadded_lengths(attention_mask: torch.Tensor) -> list[int]:
 
 
 def _padded(entries: list[torch.Tensor], seq_len: int, device: torch.device) -> torch.Tensor:
-    """Stack (L, H) entries into (rows, seq_len, H), zeros past each L: one copy per entry."""
+    """Stack (L, H) entries into (rows, seq_len, H): zeros past each L, cut at seq_len (an entry
+    computed in a batch padded further is padding there); one copy per entry."""
     out = torch.zeros(len(entries), seq_len, *entries[0].shape[1:], dtype=entries[0].dtype, device=device)
     for row, e in enumerate(entries):
-        out[row, :e.shape[0]] = e
+        n = min(e.shape[0], seq_len)
+        out[row, :n] = e[:n]
     return out
+
+
+def _pad_inputs(inputs: dict[str, Any], length: int, pad_id: int) -> dict[str, Any]:
+    """The sequence inputs (those shaped like input_ids) right-padded to ``length``."""
+    shape = inputs["input_ids"].shape
+    extra = length - shape[-1]
+
+    def pad(name: str, t: torch.Tensor) -> torch.Tensor:
+        fill = pad_id if name == "input_ids" else 0
+        return torch.cat([t, t.new_full((*t.shape[:-1], extra), fill)], dim=-1)
+
+    return {name: pad(name, v) if torch.is_tensor(v) and v.shape == shape else v for name, v in inputs.items()}

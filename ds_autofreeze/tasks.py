@@ -88,6 +88,9 @@ class Task:
     name: str
     metrics: tuple[str, ...]  # what evaluate returns; the first is the headline
     packaged_data = False  # without --train_file / --validation_file: the packaged IMDb split
+    # Whether the loss never reads padding positions, so batches may be padded to their own longest
+    # row: not for extractive QA, whose span logits cover every position (run_qa pads to max length).
+    dynamic_padding = True
 
     def __init__(self, args: argparse.Namespace):
         self.args = args
@@ -97,6 +100,11 @@ class Task:
 
     def model_kwargs(self) -> dict:
         return {}
+
+    def eval_batch_size(self, micro_batch: int) -> int:
+        """Held-out examples per forward: larger than a training micro-batch where the outputs are
+        small (no activations are kept for backward)."""
+        return max(micro_batch, 32)
 
     def load(self, tokenizer: Any) -> tuple[TokenizedDataset, EvalSet]:
         """(training rows as model inputs, held-out set). Every data problem raises DataError."""
@@ -253,6 +261,7 @@ class MultipleChoice(Classification):
 class QuestionAnswering(Task):
     name = "question_answering"
     metrics = ("exact_match", "f1")
+    dynamic_padding = False
 
     def model_class(self) -> type:
         from transformers import AutoModelForQuestionAnswering
@@ -419,6 +428,9 @@ class CausalLM(Task):
     name = "causal_lm"
     metrics = ("loss", "perplexity")
     packaged_data = True  # the IMDb reviews as plain text
+
+    def eval_batch_size(self, micro_batch: int) -> int:
+        return micro_batch  # logits are block_size x vocabulary per example: as many as training fits
 
     def model_class(self) -> type:
         from transformers import AutoModelForCausalLM

@@ -108,6 +108,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max_train_samples", type=int, default=None)
     p.add_argument("--max_eval_samples", type=int, default=None)
     p.add_argument("--max_seq_length", type=int, default=128)
+    p.add_argument("--pad_to_max_length", action="store_true",
+                   help="pad every batch to --max_seq_length (default: to its own longest row, for every task "
+                        "but question_answering, whose span logits read every position)")
     p.add_argument("--num_train_epochs", type=int, default=3)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--output_dir", default="output")
@@ -297,6 +300,9 @@ class FinetuneRecipe:
         tokenizer = self._setup_tokenizer()
         self.task = build_task(args)
         self.train_set, self.eval_set = self.task.load(tokenizer)
+        self.dynamic_padding = self.task.dynamic_padding and not args.pad_to_max_length
+        self.train_set.trim_padding = self.eval_set.features.trim_padding = self.dynamic_padding
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         model = self._setup_model(tokenizer)
         self._setup_distributed()
         self._setup_engine(model)
@@ -381,6 +387,8 @@ class FinetuneRecipe:
     def _setup_autofreeze(self) -> None:
         args, af, engine = self.args, self.af, self.engine
         autofreeze = af.config
+        if self.dynamic_padding:
+            af.pad_prefix_to(self.train_set.seq_len, self.pad_id)
         if autofreeze.enabled and autofreeze.cache.enabled:
             disk_dir = autofreeze.cache.disk_dir or os.path.join(args.output_dir, "activation_cache")
             af.attach_cache(ActivationCache(autofreeze.cache, disk_dir,
@@ -403,7 +411,7 @@ class FinetuneRecipe:
             # Per-block forward times are measured on one micro-batch.
             sample = {k: v.to(engine.device) for k, v in self.train_set.batch(list(range(self.micro))).items()}
             self.repacker = Repacker(autofreeze.packing, engine.module, af.adapter, self.per_rank * self.world,
-                                     args.max_seq_length, self.world, cached_prefix=af.cache is not None,
+                                     self.train_set.seq_len, self.world, cached_prefix=af.cache is not None,
                                      started_world=self.state.launch_world, profile_batch=sample)
         model = engine.module
         self.say(f"{self.task.name}: model {self.model_path} ({af.num_blocks} blocks, "
@@ -511,7 +519,7 @@ class FinetuneRecipe:
         state, af = self.state, self.af
         eval_start = time.perf_counter()
         scores = {f"eval_{k}": v for k, v in self.task.evaluate(self.engine, self.eval_set,
-                                                                 max(self.micro, 32)).items()}
+                                                                 self.task.eval_batch_size(self.micro)).items()}
         state.history.append({"epoch": epoch + 1, "step": self.engine.global_steps, "world_size": self.world,
                               "train_time": round(state.train_time, 3), **scores,
                               "eval_seconds": round(time.perf_counter() - eval_start, 3),

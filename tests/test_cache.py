@@ -540,3 +540,43 @@ def test_cache_checkpoint_restores_the_same_whether_the_cache_is_attached_before
     # Saved within the epoch after the move to 2 blocks: the boundary-1 store still feeds block 1
     # (and, after the move at step 20, blocks 1..2) instead of running from the embeddings.
     assert runs[True][2] == runs[False][2] > 0
+
+
+def test_cache_exact_with_batches_padded_to_their_own_longest_row(tmp_path):
+    """Dynamic padding: each batch is cut to its longest row, so a row's batch length changes from
+    epoch to epoch; the frozen prefix runs at the canonical length, cached or not, and the two runs
+    are the same bit for bit."""
+    from ds_autofreeze.data import TokenizedDataset
+    rows = padded_batches(seq=32)
+    dataset = TokenizedDataset({k: torch.cat([b[k] for b in rows]) for k in rows[0]})
+    dataset.trim_padding = True
+
+    def run(cache_dir):
+        engine, *_, af = ds_autofreeze.initialize(model=tiny_bert(seed=0), config=ds_config(1, FREEZES))
+        af.pad_prefix_to(dataset.seq_len)
+        if cache_dir is not None:
+            af.attach_cache(new_cache(CacheConfig(enabled=True, prefetch_depth=2), str(cache_dir), num_examples=32,
+                                      data_fingerprint="d"))
+        g = torch.Generator().manual_seed(5)
+        torch.manual_seed(123)
+        losses, lengths = [], set()
+        for epoch in range(5):
+            order = torch.randperm(32, generator=g).tolist()  # rows meet other rows every epoch
+            batches_ = [order[i:i + 4] for i in range(0, 32, 4)]
+            if af.cache is not None:
+                af.cache.plan_epoch(batches_)
+            for ids in batches_:
+                batch = dataset.batch(ids)
+                lengths.add(batch["input_ids"].shape[-1])
+                loss = engine(**batch, example_ids=torch.tensor(ids)).loss
+                engine.backward(loss)
+                engine.step()
+                af.after_step()
+                losses.append(loss.item())
+        af.close()
+        return losses, lengths
+
+    plain, lengths = run(None)
+    cached, _ = run(tmp_path / "c")
+    assert len(lengths) > 3 and max(lengths) <= 32  # batches really are cut to different lengths
+    assert cached == plain

@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from ds_autofreeze.data import DataError, epoch_steps, group_texts, imdb_split, rank_share, read_rows, select_examples
 
@@ -74,3 +75,18 @@ def test_group_texts_concatenates_drops_the_remainder_and_reads_only_what_it_nee
         raise AssertionError("read past the texts the first block needs")
 
     assert group_texts(tokenized(), 4, max_blocks=1).tolist() == [[1, 2, 3, 4]]
+
+
+def test_tokenized_dataset_trims_a_batch_to_its_longest_row():
+    from ds_autofreeze.data import TokenizedDataset
+    mask = torch.zeros(3, 10, dtype=torch.long)
+    for row, n in enumerate([4, 7, 2]):
+        mask[row, :n] = 1
+    data = TokenizedDataset({"input_ids": torch.arange(30).view(3, 10) * mask, "attention_mask": mask,
+                             "labels": torch.tensor([0, 1, 0])})
+    assert data.batch([0, 2])["input_ids"].shape == (2, 10)  # off by default
+    data.trim_padding = True
+    batch = data.batch([0, 2])
+    assert batch["input_ids"].shape == (2, 4) and batch["attention_mask"].shape == (2, 4)
+    assert torch.equal(batch["labels"], torch.tensor([0, 0]))  # not a sequence: untouched
+    assert data.batch([1])["input_ids"].shape == (1, 7)
