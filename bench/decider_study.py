@@ -33,7 +33,7 @@ import json
 import os
 import sys
 import tempfile
-from typing import Any
+from typing import Any, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -217,6 +217,35 @@ def _without(stats: BlockStats, boundary: int) -> BlockStats:
         if values is not None:
             setattr(out, name, [None if b < boundary else v for b, v in enumerate(values)])
     return out
+
+
+def resume_grid(task: str, seed: int = 42) -> dict[tuple[int, float], float]:
+    """(k, fraction) -> the headline score lost (points) by freezing k blocks at that fraction of the
+    run, against the watch run of the same seed (same data order and dropout up to there)."""
+    metric = TASKS[task]["metric"]
+    path = os.path.join(OUT, f"{task}-seed{seed}-resume.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(os.path.join(OUT, f"{task}-seed{seed}-watch.json")) as f:
+        watch = json.load(f)
+    with open(path) as f:
+        resumes = json.load(f)
+    return {(int(name.split("@")[0]), round(r["step"] / watch["train_steps"], 3)): 100 * (watch[metric] - r[metric])
+            for name, r in resumes.items()}
+
+
+def estimated_cost(events: list[tuple[int, int]], total: int, grid: dict[tuple[int, float], float]) -> Optional[float]:
+    """The points a schedule would cost, from the resume grid: its most costly event, each read at
+    the nearest measured (k, fraction) with at least as many blocks and no later fraction (so an
+    estimate errs on the costly side); None when the grid has no such point."""
+    worst = 0.0
+    for step, k in events:
+        f = step / total
+        cover = [cost for (gk, gf), cost in grid.items() if gk >= k and gf <= f + 1e-9]
+        if not cover:
+            return None
+        worst = max(worst, min(cover))
+    return worst
 
 
 def main() -> None:

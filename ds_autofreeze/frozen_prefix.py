@@ -86,7 +86,10 @@ class FrozenPrefix:
         k = self.adapter.num_frozen
         stack = None
         use_cache = self.cache is not None and ids is not None and self.adapter.model.training
-        if k and not args and not self.computing and (use_cache or self.replicate or self.canonical_length):
+        # Without input_ids the prefix has already run (generate hands the decoder precomputed
+        # encoder_outputs) or the caller feeds embeddings: the model's own forward serves it.
+        if (k and not args and not self.computing and "input_ids" in kwargs
+                and (use_cache or self.replicate or self.canonical_length)):
             inputs = {name: v for name, v in kwargs.items() if name != "labels"}
             hidden = self._from_cache([int(i) for i in ids], inputs) if use_cache else self.compute(k, inputs)
             stack = contextlib.ExitStack()
