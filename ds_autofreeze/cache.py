@@ -414,22 +414,26 @@ class ActivationCache:
         return None
 
     # ------------------------------------------------------------------ inserts
-    def put(self, indices: Sequence[int], hidden: torch.Tensor, lengths: Optional[Sequence[int]] = None) -> None:
+    def put(self, indices: Sequence[int], hidden: torch.Tensor, lengths: Optional[Sequence[int]] = None,
+            width: Optional[int] = None) -> None:
         """Store hidden states (B, T, H) entering block ``boundary`` for these examples; with
         ``lengths``, only each row's first ``lengths[row]`` positions (the rest is padding the
-        model never reads). Raises RuntimeError after ``close()``."""
+        model never reads). ``width`` is the longest an entry can be (the model's sequence length,
+        default T): batches padded to their own longest row have T of their own, the store's rows
+        must hold any of them. Raises RuntimeError after ``close()``."""
         if self._closed:
             raise RuntimeError("ActivationCache.put after close(): the cache stores nothing any more")
         hidden = hidden.detach().to("cpu")
+        width = max(width or 0, hidden.shape[1])
         # Decides the disk layout when this batch creates the boundary's store: compressed chunks
         # read ~40% slower cold with 3% padding (IMDb at 128 tokens) and faster with 46% (at 512).
-        compress = lengths is not None and sum(lengths) <= (1 - _COMPRESS_PADDING) * len(lengths) * hidden.shape[1]
+        compress = lengths is not None and sum(lengths) <= (1 - _COMPRESS_PADDING) * len(lengths) * width
         for row, index in enumerate(indices):
             value = hidden[row, :lengths[row]].clone() if lengths is not None else hidden[row].clone()
             self._admit(index, value)
             if self._root is not None and not self._writes_stopped:
                 try:
-                    self._writes.put_nowait((self.boundary, index, value, hidden.shape[1:], compress))
+                    self._writes.put_nowait((self.boundary, index, value, (width, *hidden.shape[2:]), compress))
                 except queue.Full:  # never block the training step on I/O
                     self.stats.dropped_writes += 1
 

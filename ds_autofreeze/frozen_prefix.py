@@ -161,7 +161,7 @@ class FrozenPrefix:
                 computed = self.compute(k, sub, start=begin)
                 rows = row_keys(examples, per)  # positions in this batch
                 cache.put(row_keys([ids[j] for j in examples], per), computed,
-                          [lengths[r] for r in rows] if lengths is not None else None)
+                          [lengths[r] for r in rows] if lengths is not None else None, width=computing_len)
                 for row, value in zip(rows, computed):
                     entries[row] = value
         return _padded(entries, seq_len, device)
