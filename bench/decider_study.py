@@ -3,7 +3,7 @@
     python bench/decider_study.py watch                  # full fine-tuning, every statistic logged, 3 seeds per task
     python bench/decider_study.py resume --seeds 42      # from the watch checkpoints: k blocks frozen at t, to the end
     python bench/decider_study.py replay                 # every decider setting on the logged statistics, scored
-    python bench/decider_study.py confirm --config configs/autofreeze_cache.json   # the chosen setting, online
+    python bench/decider_study.py confirm --name shipped # the shipped decider online, every task and seed
 
 Tasks (the settings of bench/compare.py and bench/tasks.py, MiniLM-L6): ``imdb`` (4,000 / 5,000, 3 epochs,
 375 steps), ``qa`` (SQuAD 2.0-style, 174 steps) and ``mc`` (SWAG-style, 62 steps).
@@ -42,7 +42,6 @@ sys.path.insert(0, os.path.join(ROOT, "bench"))
 from compare import run_one  # noqa: E402
 from tasks import SETTINGS as TASK_SETTINGS  # noqa: E402
 
-from ds_autofreeze.config import SNRConfig, DriftConfig  # noqa: E402
 from ds_autofreeze.data import imdb_split  # noqa: E402
 from ds_autofreeze.deciders import build_decider  # noqa: E402
 from ds_autofreeze.statistics import BlockStats  # noqa: E402
@@ -114,6 +113,8 @@ def watch(tasks: list[str], seeds: list[int]) -> None:
             else:
                 config = write_config(af, configs, f"watch-{task}")
                 args, extra = task_args(task, seed, run_dir(task, seed))
+                if os.path.isfile(os.path.join(run_dir(task, seed), "watch", "checkpoints", "latest")):
+                    extra = [*extra, "--resume_from_checkpoint", "latest"]  # interrupted: its decision log is in the checkpoint
                 result = run_one("watch", config, args,
                                  extra=[*extra, "--save_strategy", "steps", "--save_steps", str(SAVE_FRACTION)])
             with open(summary, "w") as f:
@@ -154,6 +155,41 @@ def resume(tasks: list[str], seeds: list[int], fractions: list[float], blocks: l
                 done[name]["step"] = step
                 with open(path, "w") as f:
                     json.dump(done, f, indent=1)
+
+
+def confirm(tasks: list[str], seeds: list[int], name: str, decider: dict[str, Any]) -> None:
+    """``decider`` (with the cache) online on each task and seed, beside the watch run of that seed
+    (full fine-tuning: same data order and dropout): accuracy, freezes, train time."""
+    path = os.path.join(OUT, f"confirm-{name}.json")
+    done = json.load(open(path)) if os.path.isfile(path) else {"decider": decider, "runs": {}}
+    if done["decider"] != decider:
+        raise SystemExit(f"{path} holds runs of another setting ({done['decider']}): pick another --name")
+    with tempfile.TemporaryDirectory() as configs:
+        for task, seed in itertools.product(tasks, seeds):
+            key = f"{task}/{seed}"
+            if key in done["runs"]:
+                continue
+            finished = os.path.join(run_dir(task, seed), f"confirm-{name}", "all_results.json")
+            if os.path.isfile(finished):
+                with open(finished) as f:
+                    result = {"wall_seconds": None, **json.load(f)}
+            else:
+                config = write_config({"decider": decider, "cache": {"enabled": True}}, configs, f"confirm-{task}")
+                args, extra = task_args(task, seed, run_dir(task, seed))
+                result = run_one(f"confirm-{name}", config, args, extra=[*extra, "--save_strategy", "no"])
+            metric = TASKS[task]["metric"]
+            done["runs"][key] = {key_: result[key_] for key_ in (metric, "train_runtime", "freeze_events", "train_steps")}
+            with open(path, "w") as f:
+                json.dump(done, f, indent=1)
+    print(f"| run | {name} | full (watch run) | Δ (pt) | freezes (k@step) |\n|---|---|---|---|---|")
+    for key, r in done["runs"].items():
+        task, seed = key.split("/")
+        metric = TASKS[task]["metric"]
+        watch_path = os.path.join(OUT, f"{task}-seed{seed}-watch.json")
+        full = json.load(open(watch_path))[metric] if os.path.isfile(watch_path) else None
+        delta = "" if full is None else f"{100 * (r[metric] - full):+.2f}"
+        events = ", ".join(f"{e['frozen_blocks']}@{e['step']}" for e in r["freeze_events"]) or "none"
+        print(f"| {key} | {r[metric]:.4f} | {'' if full is None else f'{full:.4f}'} | {delta} | {events} |")
 
 
 # Step time relative to a full step, MiniLM-L6 at batch 32 x 128 (DESIGN.md, measured here): k blocks
@@ -248,6 +284,60 @@ def estimated_cost(events: list[tuple[int, int]], total: int, grid: dict[tuple[i
     return worst
 
 
+# The settings the replay scores: the noise-aware deciders around their defaults. The paper's rule is
+# not replayable (the L1 norm of a summed gradient does not compose from shorter intervals); its real
+# freezes are in the README's compare and task tables.
+GRID: list[dict[str, Any]] = [
+    *({"name": "snr", "estimator": e, "z": z, "confidence": c, "min_trainable": 2}
+      for e in ("moments", "adam") for z in (1.0, 2.0) for c in (0.0, 1.0)),
+    *({"name": "drift", "tolerance": t, "min_trainable": 2} for t in (0.01, 0.02, 0.05)),
+]
+
+
+def _label(config: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v}" for k, v in config.items() if k != "min_trainable") + f" min={config['min_trainable']}"
+
+
+def replay_all(tasks: list[str]) -> dict[str, Any]:
+    """Every GRID setting on every watch run: freeze events, estimated speedup and cost."""
+    rows: dict[str, Any] = {}
+    for config in GRID:
+        label = _label(config)
+        rows[label] = {"config": config, "runs": {}}
+        for task in tasks:
+            for seed in SEEDS:
+                path = os.path.join(OUT, f"{task}-seed{seed}-watch.json")
+                if not os.path.isfile(path):
+                    continue
+                with open(path) as f:
+                    watch_run = json.load(f)
+                total = watch_run["train_steps"]
+                warmup = round(0.06 * total)  # the bench configs' warmup_num_steps
+                events = replay(watch_run["decisions"], total, warmup, config)
+                epoch = total // TASKS[task]["sizes"][2]
+                rows[label]["runs"][f"{task}/{seed}"] = {
+                    "events": events, "speedup": round(estimated_speedup(events, total, epoch), 3),
+                    "cost": estimated_cost(events, total, resume_grid(task, seed))}
+    return rows
+
+
+def print_replay(rows: dict[str, Any]) -> None:
+    runs = sorted({r for row in rows.values() for r in row["runs"]})
+    print("| setting | " + " | ".join(runs) + " |")
+    print("|---|" + "---|" * len(runs))
+    for label, row in rows.items():
+        cells = []
+        for r in runs:
+            cell = row["runs"].get(r)
+            if cell is None:
+                cells.append("")
+                continue
+            events = ", ".join(f"{k}@{s}" for s, k in cell["events"]) or "none"
+            cost = "" if cell["cost"] is None else f", ~{cell['cost']:+.1f} pt"
+            cells.append(f"{events} ({cell['speedup']:.2f}x{cost})")
+        print(f"| {label} | " + " | ".join(cells) + " |")
+
+
 def main() -> None:
     global OUT
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -259,6 +349,14 @@ def main() -> None:
         if name == "resume":
             s.add_argument("--fractions", nargs="+", type=float, default=FRACTIONS)
             s.add_argument("--blocks", nargs="+", type=int, default=RESUME_BLOCKS)
+    s = sub.add_parser("confirm")
+    s.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    s.add_argument("--seeds", nargs="+", type=int, default=SEEDS)
+    s.add_argument("--name", required=True, help="names the runs and confirm-NAME.json")
+    s.add_argument("--decider", type=json.loads, default=None,
+                   help="the decider section as JSON (default: the one in configs/autofreeze_cache.json)")
+    s = sub.add_parser("replay")
+    s.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     p.add_argument("--out", default=OUT, help="where runs and summaries go (default: bench/results/decider_study)")
     args = p.parse_args()
     OUT = os.path.abspath(args.out)
@@ -267,6 +365,13 @@ def main() -> None:
         watch(args.tasks, args.seeds)
     elif args.command == "resume":
         resume(args.tasks, args.seeds, args.fractions, args.blocks)
+    elif args.command == "confirm":
+        confirm(args.tasks, args.seeds, args.name, args.decider or base_config()["autofreeze"]["decider"])
+    elif args.command == "replay":
+        rows = replay_all(args.tasks)
+        print_replay(rows)
+        with open(os.path.join(OUT, "replay.json"), "w") as f:
+            json.dump(rows, f, indent=1)
 
 
 if __name__ == "__main__":

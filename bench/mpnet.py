@@ -21,6 +21,7 @@ import os
 import statistics
 import sys
 import tempfile
+from typing import Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -30,6 +31,14 @@ from compare import bench_parser, cells, run_one, write_results  # noqa: E402
 
 CONFIGS = {"cpu": {"full": "configs/full.json", "autofreeze+cache": "configs/autofreeze_cache.json"},
            "gpu": {"full": "configs/gpu/full_bf16.json", "autofreeze+cache": "configs/gpu/autofreeze_cache_bf16.json"}}
+# --deciders: the AutoFreeze + cache config with its decider replaced (one row each; "shipped" keeps it).
+DECIDERS = {
+    "shipped": None,
+    "gradnorm": {"name": "gradnorm", "num_intervals": 10, "min_trainable": 1},  # the paper's reference code
+    "snr": {"name": "snr", "min_trainable": 2},
+    "snr-adam": {"name": "snr", "estimator": "adam", "min_trainable": 2},
+    "drift": {"name": "drift", "min_trainable": 2},
+}
 
 
 def write_data(directory: str, train: int, evaluate: int) -> tuple[str, str]:
@@ -48,13 +57,16 @@ def write_data(directory: str, train: int, evaluate: int) -> tuple[str, str]:
     return paths[0], paths[1]
 
 
-def prepared(config: str, directory: str, gpu: bool) -> str:
-    """The config as shipped; on a GPU with DeepSpeed's torch Adam instead of its JIT-built fused one."""
+def prepared(config: str, directory: str, gpu: bool, decider: Optional[str] = None) -> str:
+    """The config as shipped (or with ``decider`` from DECIDERS); on a GPU with DeepSpeed's torch Adam
+    instead of its JIT-built fused one."""
     with open(os.path.join(ROOT, config)) as f:
         cfg = json.load(f)
     if gpu:
         cfg["optimizer"]["params"]["torch_adam"] = True
-    path = os.path.join(directory, os.path.basename(config))
+    if decider and DECIDERS[decider]:
+        cfg["autofreeze"]["decider"] = DECIDERS[decider]
+    path = os.path.join(directory, f"{decider or 'as-shipped'}-{os.path.basename(config)}")
     with open(path, "w") as f:
         json.dump(cfg, f, indent=1)
     return path
@@ -69,6 +81,8 @@ def main() -> None:
     p.add_argument("--gpu", action="store_true", help="bf16 GPU configs (configs/gpu/)")
     p.add_argument("--data_dir", default=None, help="train.csv / dev.csv (as --write_data writes them)")
     p.add_argument("--write_data", default=None, help="write the IMDb split as CSV here and exit")
+    p.add_argument("--deciders", nargs="+", default=["shipped"], choices=list(DECIDERS),
+                   help="AutoFreeze rows: the shipped config's decider, or another in its place")
     args = p.parse_args()
     if args.write_data:
         print(write_data(args.write_data, args.max_train_samples, args.max_eval_samples))
@@ -84,19 +98,27 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as configs:
         for seed in args.seeds:
             args.seed = seed
-            for name, config in CONFIGS["gpu" if args.gpu else "cpu"].items():
-                args.out = os.path.join(out, f"seed{seed}")
-                results[f"{name} seed {seed}"] = run_one(name, prepared(config, configs, args.gpu), args, extra=extra)
+            configs_of = CONFIGS["gpu" if args.gpu else "cpu"]
+            runs = [("full", prepared(configs_of["full"], configs, args.gpu))]
+            runs += [(f"autofreeze+cache ({d})", prepared(configs_of["autofreeze+cache"], configs, args.gpu, d))
+                     for d in args.deciders]
+            args.out = os.path.join(out, f"seed{seed}")
+            for name, config in runs:
+                # Plain directory names: a lent GPU machine returns no file whose path holds '+'.
+                directory = name.replace("+", "-").replace(" (", "-").rstrip(")")
+                results[f"{name} seed {seed}"] = run_one(directory, config, args, extra=extra)
     args.out = out
     rows = ["| run | eval accuracy | Δ vs full (pt) | train time (s) | speedup vs full | frozen blocks |",
             "|---|---|---|---|---|---|"]
     for name, r in results.items():
-        rows.append(f"| {name} | {cells(r, results[name.replace('autofreeze+cache', 'full')])} |")
-    for name in CONFIGS["cpu"]:
-        runs = [r for k, r in results.items() if k.startswith(name + " ")]
+        rows.append(f"| {name} | {cells(r, results['full seed ' + name.rsplit(' ', 1)[1]])} |")
+    full_time: dict[str, float] = {}
+    for name in dict.fromkeys(k.rsplit(" seed ", 1)[0] for k in results):
+        runs = [r for k, r in results.items() if k.rsplit(" seed ", 1)[0] == name]
         acc = statistics.mean(r["eval_accuracy"] for r in runs)
         time = statistics.mean(r["train_runtime"] for r in runs)
-        rows.append(f"| {name}, mean of {len(runs)} | {acc:.4f} | | {time:.1f} | | |")
+        full_time.setdefault("full", time)
+        rows.append(f"| {name}, mean of {len(runs)} | {acc:.4f} | | {time:.1f} | {full_time['full'] / time:.2f}x | |")
     write_results(args, results, "\n".join(rows))
 
 

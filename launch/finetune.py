@@ -310,7 +310,10 @@ class FinetuneRecipe:
         if self.resume_dir:
             _, client_state = self.engine.load_checkpoint(os.path.dirname(self.resume_dir),
                                                           tag=os.path.basename(self.resume_dir))
-            set_rng_state(client_state["rng"])
+            if "rng" in client_state:
+                set_rng_state(client_state["rng"])
+            else:  # saved before every stream was kept: torch's CPU stream only
+                torch.set_rng_state(client_state["torch_rng"])
             self.say(f"resumed from {self.resume_dir} at epoch {self.state.epoch + 1}, step {self.engine.global_steps} "
                      f"({self.af.num_frozen_blocks} blocks frozen)")
 
