@@ -35,7 +35,7 @@ CONFIGS = {"cpu": {"full": "configs/full.json", "autofreeze+cache": "configs/aut
 DECIDERS = {
     "shipped": None,
     "gradnorm": {"name": "gradnorm", "num_intervals": 10, "min_trainable": 1},  # the paper's reference code
-    "snr": {"name": "snr", "min_trainable": 2},
+    "snr-moments": {"name": "snr", "estimator": "moments", "min_trainable": 2},
     "snr-adam": {"name": "snr", "estimator": "adam", "min_trainable": 2},
     "drift": {"name": "drift", "min_trainable": 2},
 }

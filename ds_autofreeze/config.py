@@ -54,7 +54,7 @@ class SNRConfig(_IntervalDeciderBase):
     name: Literal["snr"] = "snr"
     num_intervals: int = Field(20, ge=2)
     """Decisions per run (the signal and noise of each block are estimated over one interval)."""
-    estimator: Literal["moments", "adam"] = "moments"
+    estimator: Literal["moments", "adam"] = "adam"
     """How the per-step signal-to-noise ratio is estimated: ``moments`` from the interval's summed
     gradient and summed squared gradient norms, ``adam`` from Adam's first and second moments."""
     z: float = Field(1.0, gt=0.0)

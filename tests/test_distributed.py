@@ -344,7 +344,7 @@ def test_a_dead_rank_makes_the_others_fail_fast():
     assert survivor["seconds"] < 60, survivor
 
 
-def synthetic_run(rank: int, world: int, decay: bool, decisions: int = 100, interval: int = 10) -> dict:
+def synthetic_run(rank: int, world: int, decay: bool, estimator: str, decisions: int = 100, interval: int = 10) -> dict:
     """The snr decider on gradients made up on purpose: the loss is sum_b <w_b, mu_b(t) + noise>, so
     the global gradient of block b is mu_b(t) plus zero-mean noise (each rank its own). Without
     ``decay`` mu is zero: pure noise. With it mu_b(t) = exp(-t / tau_b) with tau growing with b: the
@@ -353,7 +353,7 @@ def synthetic_run(rank: int, world: int, decay: bool, decisions: int = 100, inte
     import ds_autofreeze
     total = decisions * interval
     af_config = {"total_steps": total, "log_freezes": False,
-                 "decider": {"name": "snr", "interval_steps": interval, "min_trainable": 1}}
+                 "decider": {"name": "snr", "estimator": estimator, "interval_steps": interval, "min_trainable": 1}}
     config = ds_config(0, af_config, micro=1, accum=1, scheduler={
         "type": "WarmupDecayLR", "params": {"warmup_min_lr": 0, "warmup_max_lr": 1e-3, "warmup_num_steps": interval,
                                             "total_num_steps": total}})
@@ -375,12 +375,12 @@ def synthetic_run(rank: int, world: int, decay: bool, decisions: int = 100, inte
     return {"events": [(e["step"], e["frozen_blocks"]) for e in af.freeze_events], "decisions": len(af.decider.log)}
 
 
-@pytest.mark.parametrize("world", [1, 2])
-def test_snr_decider_on_synthetic_gradients(world):
+@pytest.mark.parametrize("world,estimator", [(1, "moments"), (2, "moments"), (1, "adam"), (2, "adam")])
+def test_snr_decider_on_synthetic_gradients(world, estimator):
     run = (lambda fn, *a: _in_process(fn, *a)) if world == 1 else (lambda fn, *a: run_ranks(fn, 2, *a))
-    noise = run(synthetic_run, False)
+    noise = run(synthetic_run, False, estimator)
     assert all(r["decisions"] == 100 and r["events"] == [] for r in noise)  # pure noise: nothing ever freezes
-    decaying = run(synthetic_run, True)
+    decaying = run(synthetic_run, True, estimator)
     for r in decaying:
         steps = [s for s, _ in r["events"]]
         assert r["events"] and r["events"][-1][1] >= 2 and steps == sorted(steps)

@@ -96,9 +96,11 @@ def test_statistics_adam_moments_are_logged_and_bias_corrected():
 
 
 def test_statistics_memory_is_one_float_per_trainable_block_parameter():
-    model = tiny_bert()
-    af = {"total_steps": 8, "decider": {"name": "snr", "interval_steps": 2}}
-    engine, *_, autofreeze = ds_autofreeze.initialize(model=model, config=ds_config(0, af))
+    af = {"total_steps": 8, "decider": {"name": "snr", "interval_steps": 2}}  # the adam estimator: Adam's own state
+    *_, autofreeze = ds_autofreeze.initialize(model=tiny_bert(), config=ds_config(0, af))
+    assert autofreeze.controller.moments is None
+    af["decider"]["estimator"] = "moments"
+    engine, *_, autofreeze = ds_autofreeze.initialize(model=tiny_bert(), config=ds_config(0, af))
     block_params = sum(p.numel() for b in range(4) for p in autofreeze.adapter.block_parameters(b))
     assert autofreeze.controller.moments.nbytes() == 4 * block_params + 8 * 4
     autofreeze.freeze(2)
