@@ -288,8 +288,11 @@ def estimated_cost(events: list[tuple[int, int]], total: int, grid: dict[tuple[i
 # not replayable (the L1 norm of a summed gradient does not compose from shorter intervals); its real
 # freezes are in the README's compare and task tables.
 GRID: list[dict[str, Any]] = [
-    *({"name": "snr", "estimator": e, "z": z, "confidence": c, "min_trainable": 2}
-      for e in ("moments", "adam") for z in (1.0, 2.0) for c in (0.0, 1.0)),
+    *({"name": "snr", "estimator": e, "z": z, "confidence": c, "window": w, "patience": p, "num_intervals": n,
+       "min_trainable": 2}
+      for e in ("moments", "adam") for z in (0.5, 1.0) for c in (1.0, 2.0) for w in (3, 5) for p in (1, 2)
+      for n in (10, 20)),
+    *({"name": "snr", "estimator": "adam", "z": z, "min_trainable": m} for z in (0.5, 0.7, 1.0, 2.0) for m in (2, 3, 4)),
     *({"name": "drift", "tolerance": t, "min_trainable": 2} for t in (0.01, 0.02, 0.05)),
 ]
 
@@ -333,7 +336,7 @@ def print_replay(rows: dict[str, Any]) -> None:
                 cells.append("")
                 continue
             events = ", ".join(f"{k}@{s}" for s, k in cell["events"]) or "none"
-            cost = "" if cell["cost"] is None else f", ~{cell['cost']:+.1f} pt"
+            cost = "" if cell["cost"] is None else f", costs ~{cell['cost']:.1f} pt"
             cells.append(f"{events} ({cell['speedup']:.2f}x{cost})")
         print(f"| {label} | " + " | ".join(cells) + " |")
 
