@@ -6,10 +6,11 @@ misspelt key fails at startup with an error that names it (as DeepSpeed's own co
 """
 from __future__ import annotations
 
+import math
 from enum import Enum
 from typing import Annotated, Any, Literal, Mapping, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 AUTOFREEZE = "autofreeze"
 
@@ -24,8 +25,25 @@ class _ConfigModel(BaseModel):
 
 
 class _DeciderBase(_ConfigModel):
-    min_trainable: int = Field(1, ge=1)
-    """The last ``min_trainable`` blocks are never frozen (the head never is)."""
+    min_trainable: Union[int, float] = Field(1, gt=0)
+    """The last ``min_trainable`` blocks are never frozen (the head never is): a count, or a fraction
+    of the model's blocks (rounded to the nearest block, at least one), so that one config keeps the
+    same share trainable on a 6- and a 24-block model."""
+
+    @field_validator("min_trainable")
+    @classmethod
+    def _count_or_fraction(cls, value: Union[int, float]) -> Union[int, float]:
+        if value < 1:
+            return value
+        if value != int(value):
+            raise ValueError(f"{value} is neither a count of blocks (an integer >= 1) nor a fraction of them (< 1)")
+        return int(value)
+
+    def trainable_floor(self, num_blocks: int) -> int:
+        """``min_trainable`` in blocks, for a model of ``num_blocks``."""
+        if isinstance(self.min_trainable, int):
+            return self.min_trainable
+        return max(1, math.floor(self.min_trainable * num_blocks + 0.5))
 
 
 class _IntervalDeciderBase(_DeciderBase):

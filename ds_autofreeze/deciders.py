@@ -29,7 +29,7 @@ class Decider:
         self.total_steps = total_steps
         self.warmup_steps = warmup_steps
         # The head is never frozen and neither are the last ``min_trainable`` blocks.
-        self.max_frozen = max(0, num_blocks - config.min_trainable)
+        self.max_frozen = max(0, num_blocks - config.trainable_floor(num_blocks))
         self.log: list[dict[str, Any]] = []
 
     @property
@@ -279,7 +279,8 @@ class StaticDecider(Decider):
         super().__init__(config, num_blocks, total_steps, warmup_steps)
         if config.num_frozen_blocks > self.max_frozen:
             raise ConfigError(f"autofreeze.decider.num_frozen_blocks={config.num_frozen_blocks} leaves fewer "
-                              f"than min_trainable={config.min_trainable} of {num_blocks} blocks trainable")
+                              f"than min_trainable={config.min_trainable} "
+                              f"({num_blocks - self.max_frozen} of {num_blocks}) blocks trainable")
 
     def decide(self, step: int, boundary: int, stats: Optional[BlockStats] = None) -> int:
         return self.clamp(boundary, self.config.num_frozen_blocks)
@@ -297,8 +298,8 @@ class ScheduleDecider(Decider):
         for entry in config.schedule:
             if entry.num_frozen_blocks > self.max_frozen:
                 raise ConfigError(f"autofreeze.decider.schedule: num_frozen_blocks={entry.num_frozen_blocks} "
-                                 f"leaves fewer than min_trainable={config.min_trainable} of {num_blocks} "
-                                 "blocks trainable")
+                                 f"leaves fewer than min_trainable={config.min_trainable} "
+                                 f"({num_blocks - self.max_frozen} of {num_blocks}) blocks trainable")
         self.steps = [(round(e.fraction * total_steps), e.num_frozen_blocks) for e in config.schedule]
 
     def decide(self, step: int, boundary: int, stats: Optional[BlockStats] = None) -> int:

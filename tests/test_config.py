@@ -76,3 +76,15 @@ def test_config_round_trips_through_json():
     af = get_autofreeze_config({"autofreeze": {"total_steps": 100, "decider": {"name": "gradnorm", "num_intervals": 20}}})
     again = AutoFreezeConfig.model_validate(json.loads(json.dumps(af.model_dump(mode="json"))))
     assert again == af
+
+
+@pytest.mark.parametrize("value, floors", [(4, (4, 4, 4)), (0.67, (4, 8, 16)), (0.5, (3, 6, 12)), (0.01, (1, 1, 1))])
+def test_config_min_trainable_is_a_count_or_a_fraction(value, floors):
+    decider = get_autofreeze_config({"autofreeze": {"decider": {"name": "snr", "min_trainable": value}}}).decider
+    assert tuple(decider.trainable_floor(n) for n in (6, 12, 24)) == floors
+
+
+@pytest.mark.parametrize("value, message", [(1.5, "neither a count of blocks"), (0, "greater than 0")])
+def test_config_min_trainable_bad_value_is_named(value, message):
+    with pytest.raises(ConfigError, match=rf"autofreeze\.decider\.snr\.min_trainable: .*{message}"):
+        get_autofreeze_config({"autofreeze": {"decider": {"name": "snr", "min_trainable": value}}})

@@ -86,6 +86,9 @@ def test_gradnorm_respects_min_trainable():
         d.decide(10, 0, l1(10, [10.0] * 6))
     assert d1.decide(20, 0, l1(20, cur)) == 5
     assert d2.decide(20, 0, l1(20, cur)) == 4  # the last 2 blocks stay trainable
+    third = gradnorm(num_blocks=6, percentile=90, min_trainable=0.34)  # a third of 6 blocks: 2
+    third.decide(10, 0, l1(10, [10.0] * 6))
+    assert third.decide(20, 0, l1(20, cur)) == 4
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
@@ -123,6 +126,8 @@ def test_static_freezes_from_step_zero_and_validates():
     assert d.decide(0, 0) == 3 and d.decide(100, 3) == 3
     with pytest.raises(ConfigError, match="min_trainable"):
         build_decider(StaticConfig(num_frozen_blocks=6), 6, None)
+    with pytest.raises(ConfigError, match=r"min_trainable=0\.5 \(6 of 12\) blocks"):
+        build_decider(StaticConfig(num_frozen_blocks=7, min_trainable=0.5), 12, None)
 
 
 def test_schedule_follows_fractions():
