@@ -181,15 +181,22 @@ def confirm(tasks: list[str], seeds: list[int], name: str, decider: dict[str, An
             done["runs"][key] = {key_: result[key_] for key_ in (metric, "train_runtime", "freeze_events", "train_steps")}
             with open(path, "w") as f:
                 json.dump(done, f, indent=1)
-    print(f"| run | {name} | full (watch run) | Δ (pt) | freezes (k@step) |\n|---|---|---|---|---|")
+    print(f"| task / seed | {name} | full (watch run) | Δ (pt) | freezes (k@step of total) |\n|---|---|---|---|---|")
+    paired: dict[str, list[tuple[float, float]]] = {}
     for key, r in done["runs"].items():
         task, seed = key.split("/")
         metric = TASKS[task]["metric"]
         watch_path = os.path.join(OUT, f"{task}-seed{seed}-watch.json")
         full = json.load(open(watch_path))[metric] if os.path.isfile(watch_path) else None
         delta = "" if full is None else f"{100 * (r[metric] - full):+.2f}"
+        if full is not None:
+            paired.setdefault(task, []).append((r[metric], full))
         events = ", ".join(f"{e['frozen_blocks']}@{e['step']}" for e in r["freeze_events"]) or "none"
-        print(f"| {key} | {r[metric]:.4f} | {'' if full is None else f'{full:.4f}'} | {delta} | {events} |")
+        print(f"| {key} | {r[metric]:.4f} | {'' if full is None else f'{full:.4f}'} | {delta} | "
+              f"{events} (of {r['train_steps']}) |")
+    for task, pairs in paired.items():
+        ours, full = (sum(x) / len(pairs) for x in zip(*pairs))
+        print(f"| {task}, mean of {len(pairs)} | {ours:.4f} | {full:.4f} | {100 * (ours - full):+.2f} | |")
 
 
 # Step time relative to a full step, MiniLM-L6 at batch 32 x 128 (DESIGN.md, measured here): k blocks
