@@ -32,6 +32,11 @@ class Decider:
         self.max_frozen = max(0, num_blocks - config.trainable_floor(num_blocks))
         self.log: list[dict[str, Any]] = []
 
+    def too_many(self, what: str) -> ConfigError:
+        """The error for a config that would freeze past ``min_trainable``."""
+        return ConfigError(f"autofreeze.decider.{what} leaves fewer than min_trainable={self.config.min_trainable} "
+                           f"({self.num_blocks - self.max_frozen} of {self.num_blocks}) blocks trainable")
+
     @property
     def interval(self) -> Optional[int]:
         """Optimizer steps between decisions that read statistics (None: decides from the step alone)."""
@@ -278,9 +283,7 @@ class StaticDecider(Decider):
     def __init__(self, config: StaticConfig, num_blocks: int, total_steps: Optional[int], warmup_steps: int = 0):
         super().__init__(config, num_blocks, total_steps, warmup_steps)
         if config.num_frozen_blocks > self.max_frozen:
-            raise ConfigError(f"autofreeze.decider.num_frozen_blocks={config.num_frozen_blocks} leaves fewer "
-                              f"than min_trainable={config.min_trainable} "
-                              f"({num_blocks - self.max_frozen} of {num_blocks}) blocks trainable")
+            raise self.too_many(f"num_frozen_blocks={config.num_frozen_blocks}")
 
     def decide(self, step: int, boundary: int, stats: Optional[BlockStats] = None) -> int:
         return self.clamp(boundary, self.config.num_frozen_blocks)
@@ -297,9 +300,7 @@ class ScheduleDecider(Decider):
             raise ConfigError("autofreeze.decider.schedule needs autofreeze.total_steps (launch/finetune.py fills it)")
         for entry in config.schedule:
             if entry.num_frozen_blocks > self.max_frozen:
-                raise ConfigError(f"autofreeze.decider.schedule: num_frozen_blocks={entry.num_frozen_blocks} "
-                                 f"leaves fewer than min_trainable={config.min_trainable} "
-                                 f"({num_blocks - self.max_frozen} of {num_blocks}) blocks trainable")
+                raise self.too_many(f"schedule: num_frozen_blocks={entry.num_frozen_blocks}")
         self.steps = [(round(e.fraction * total_steps), e.num_frozen_blocks) for e in config.schedule]
 
     def decide(self, step: int, boundary: int, stats: Optional[BlockStats] = None) -> int:
