@@ -5,7 +5,7 @@
     python bench/trainer.py --seeds 42 43 44 # the accuracy spread over seeds, both paths
     python bench/trainer.py --max_train_samples 320 --max_eval_samples 200 --num_train_epochs 1   # a quick look
 
-Both run AutoFreeze (gradnorm) with the activation cache: configs/autofreeze_cache.json, and its
+Both run AutoFreeze (the shipped `snr` rule) with the activation cache: configs/autofreeze_cache.json, and its
 Trainer twin configs/trainer_autofreeze_cache.json (the same values, "auto" where the Trainer sets
 them; the Trainer's warmup is given the launcher's step count). Runs go one after another (on 2
 cores a parallel run would distort both timings); each is about 30 minutes here at the full size.

@@ -47,14 +47,14 @@ class AutoFreeze:
         self.engine = engine
         self.adapter = ModelAdapter(engine.module)
         self.repartitioner = Repartitioner(engine)  # refuses an engine it could not repartition, now
-        zero3 = bool(engine.zero_optimization_partition_weights())
-        self.prefix = FrozenPrefix(self.adapter, zero3, self.config.replicate_frozen_weights,
-                                   lambda params: deepspeed.zero.GatheredParameters(params, enabled=zero3))
         self.controller: Optional[FreezeController] = None
-        if self.config.enabled:
+        if self.config.enabled:  # before anything hooks the model: the decider may refuse the optimizer
             self.controller = FreezeController(self.config, self.adapter, engine.optimizer, engine.lr_scheduler,
                                                engine.device)
             self.controller.bind(engine.optimizer)
+        zero3 = bool(engine.zero_optimization_partition_weights())
+        self.prefix = FrozenPrefix(self.adapter, zero3, self.config.replicate_frozen_weights,
+                                   lambda params: deepspeed.zero.GatheredParameters(params, enabled=zero3))
         self.freeze_events: list[dict[str, Any]] = []
         self.repartition_seconds: list[float] = []
         # Called after every freeze with the new boundary. The engine's optimizer is then a new

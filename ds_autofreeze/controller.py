@@ -14,7 +14,7 @@ from typing import Any, Optional
 import torch
 from deepspeed import comm as dist
 
-from .config import AutoFreezeConfig
+from .config import AutoFreezeConfig, ConfigError
 from .deciders import Decider, build_decider
 from .model_adapter import ModelAdapter
 from .repartition import OptimizerLayout
@@ -55,6 +55,11 @@ class FreezeController:
         world = dist.get_world_size() if dist.is_initialized() else 1
         rank = dist.get_rank() if dist.is_initialized() else 0
         self.layout = OptimizerLayout(optimizer, rank, world)
+        if "adam" in self.decider.needs and "betas" not in self.layout.inner.param_groups[0]:
+            # Without Adam's moments the statistic never exists and the run would silently never freeze.
+            raise ConfigError(f"autofreeze.decider.estimator: 'adam' reads Adam's moments, and the optimizer "
+                              f"({type(self.layout.inner).__name__}) keeps none: use an Adam-type optimizer, "
+                              f"or \"estimator\": \"moments\"")
         if "grad" in self.measure and self.decider.interval is not None:
             self.moments = GradientMoments(self.layout, self._block_of(), self.adapter.num_blocks, self.history)
 

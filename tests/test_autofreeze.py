@@ -219,6 +219,19 @@ def test_attach_client_optimizer_is_rebuilt_over_the_trainable_parameters():
     assert all("momentum_buffer" in engine.optimizer.state[p] for p in model.classifier.parameters())
 
 
+def test_attach_refuses_adam_statistics_without_adam():
+    """The default decider reads Adam's moments; under SGD it would never freeze, so attach refuses."""
+    model = tiny_bert()
+    config = ds_config(0, {})
+    del config["optimizer"]
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), config=config)
+    with pytest.raises(ConfigError, match=r"autofreeze\.decider\.estimator: 'adam' .*\(SGD\) keeps none"):
+        ds_autofreeze.attach(engine, {"total_steps": 40})
+    af = ds_autofreeze.attach(engine, {"total_steps": 40, "decider": {"name": "snr", "estimator": "moments"}})
+    assert af.decider.needs == {"grad"}
+    af.close()
+
+
 def test_attach_freeze_validates():
     engine, af, _ = make_engine(0, autofreeze={"enabled": False})
     assert af.decider is None and af.num_frozen_blocks == 0

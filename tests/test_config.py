@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from ds_autofreeze.config import (AutoFreezeConfig, ConfigError, GradNormConfig, ScheduleConfig, StaticConfig,
+from ds_autofreeze.config import (AutoFreezeConfig, ConfigError, ScheduleConfig, SNRConfig, StaticConfig,
                                   get_autofreeze_config)
 
 from conftest import ROOT
@@ -25,10 +25,12 @@ def test_config_absent_section_is_disabled():
     assert get_autofreeze_config({"train_batch_size": 8}).enabled is False
 
 
-def test_config_defaults_are_the_papers():
+def test_config_default_decider_is_the_measured_one_and_gradnorm_the_papers():
     af = get_autofreeze_config({"autofreeze": {}})
-    assert af.enabled and isinstance(af.decider, GradNormConfig)
-    assert (af.decider.num_intervals, af.decider.percentile, af.decider.min_trainable) == (10, 50.0, 1)
+    assert af.enabled and isinstance(af.decider, SNRConfig)
+    assert (af.decider.estimator, af.decider.min_trainable, af.decider.trainable_floor(6)) == ("adam", 0.67, 4)
+    paper = get_autofreeze_config({"autofreeze": {"decider": {"name": "gradnorm"}}}).decider
+    assert (paper.num_intervals, paper.percentile, paper.min_trainable) == (10, 50.0, 1)
 
 
 def test_config_unknown_key_is_named():
