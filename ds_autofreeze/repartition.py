@@ -24,7 +24,8 @@ The first two are replicated (every rank holds all of it); the others partitione
 ``_configure_optimizer`` over the parameters that stay trainable, and their fp32 masters and
 moments are carried without any full-tensor gather: each rank keeps its own slices, the rebuilt
 optimizer's partition boundaries say which rank now owns which slice, and only slices that change
-owner travel (point to point). ZeRO-3 partitions every parameter on its own, so nothing moves.
+owner travel (point to point). ZeRO-3 partitions every parameter on its own, so nothing moves. A
+master that is a copy of an fp32 parameter is not carried: the rebuild remakes it from the parameter.
 """
 from __future__ import annotations
 
@@ -275,7 +276,11 @@ class Repartitioner:
             kept = {id(f.param): (f.tensor, old.inner.state.get(f.tensor)) for f in old.fragments()
                     if id(f.param) in index}
         else:
-            carried, scalars = self._capture(old, index, keys), self._scalars(old, keys)
+            # An fp32 master that has the model parameter's dtype is a bit-exact copy of it (every step
+            # ends by copying the masters into the parameters), and the rebuild makes the new masters
+            # from the parameters: carrying it would only keep the old master buffer alive at the peak.
+            carry = [*([] if all(f.tensor.dtype == f.param.dtype for f in old.fragments()) else [MASTER]), *keys]
+            carried, scalars = self._capture(old, index, carry), self._scalars(old, keys)
         hyper = {origin: {k: v for k, v in g.items() if k != "params"}
                  for origin, g in zip(self.origins, old.inner.param_groups)}
         if hasattr(engine.optimizer, "destroy"):
@@ -316,7 +321,7 @@ class Repartitioner:
                 if state:
                     new.inner.state[f.tensor] = state
         else:
-            _exchange(carried, self._targets(new, index, keys, scalars), [MASTER, *keys])
+            _exchange(carried, self._targets(new, index, keys, scalars), carry)
         self._link_state()
         if scheduler is not None:
             scheduler.optimizer = new.inner
@@ -339,7 +344,8 @@ class Repartitioner:
         self._link_state()
 
     def _capture(self, layout: OptimizerLayout, index: dict[int, int], keys: list[str]) -> list[_Piece]:
-        """This rank's slices of the staying parameters' masters and moments, to carry over. Copied
+        """This rank's slices of the staying parameters' ``keys`` (MASTER: the fp32 master; the others:
+        optimizer state), to carry over. Copied
         (so the old partitions, which also hold the frozen parameters', are freed before the rebuild
         allocates) when they are at most this rank's share of what stays; otherwise, on a rank whose
         partition was mostly staying parameters, the old partitions are kept until the exchange
@@ -351,7 +357,7 @@ class Repartitioner:
         out = []
         for f in frags:
             state = layout.inner.state.get(f.tensor, {})
-            views = {MASTER: f.view(f.tensor.data), **{k: f.view(state[k]) for k in keys if k in state}}
+            views = {k: f.view(f.tensor.data if k == MASTER else state[k]) for k in keys if k == MASTER or k in state}
             out.append(_Piece(index[id(f.param)], f.start, f.numel,
                               {k: v.clone() if copy else v for k, v in views.items()}))
         return out
