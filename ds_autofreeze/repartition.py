@@ -345,11 +345,11 @@ class Repartitioner:
 
     def _capture(self, layout: OptimizerLayout, index: dict[int, int], keys: list[str]) -> list[_Piece]:
         """This rank's slices of the staying parameters' ``keys`` (MASTER: the fp32 master; the others:
-        optimizer state), to carry over. Copied
-        (so the old partitions, which also hold the frozen parameters', are freed before the rebuild
-        allocates) when they are at most this rank's share of what stays; otherwise, on a rank whose
-        partition was mostly staying parameters, the old partitions are kept until the exchange
-        instead: copying would cost more than this rank's whole new state."""
+        optimizer state), to carry over. Copied (so the old partitions, which also hold the frozen
+        parameters', are freed before the rebuild allocates) when they are at most this rank's share
+        of what stays; otherwise, on a rank whose partition was mostly staying parameters, the old
+        partitions are kept until the exchange instead: copying would cost more than this rank's
+        whole new state."""
         frags = [f for f in layout.fragments() if id(f.param) in index]
         staying = sum(getattr(p, "ds_numel", p.numel()) for _, params in self.groups for p in params
                       if id(p) in index)
