@@ -18,8 +18,10 @@ Tasks (the settings of bench/compare.py and bench/tasks.py, MiniLM-L6): ``imdb``
 - replay: feeds each watch run's logged statistics (merged to each decider's interval) through every
   decider setting of the grid, giving each setting's freeze schedule on each run; scores them with the
   resume grid (estimated accuracy cost) and a step-time model (estimated speedup); prints a table and
-  writes replay.json. The replay is exact up to a setting's first freeze (later, real statistics
-  would differ: frozen blocks change what the trainable ones see).
+  writes replay.json. It decides at the multiple of the logged interval nearest to the setting's
+  interval, so it is exact up to a setting's first freeze only where that multiple is the setting's
+  own interval (later, real statistics would differ: frozen blocks change what the trainable ones
+  see); otherwise it samples the same run at other steps (docs/deciders.md).
 - confirm: a config run online on every task and seed, beside the watch runs' accuracy.
 
 Runs (with checkpoints) go under bench/results/decider_study/runs/ (not committed); the summaries
@@ -232,7 +234,8 @@ def estimated_speedup(events: list[tuple[int, int]], total: int, steps_per_epoch
 
 def replay(decisions: list[dict], total: int, warmup: int, config: dict, num_blocks: int = NUM_BLOCKS) -> list:
     """Freeze events (step, k) the decider ``config`` would have made on a watch run's logged
-    statistics, the logged intervals merged to its own interval. Exact up to the first freeze."""
+    statistics, the logged intervals merged to the multiple of them nearest to its own interval.
+    Exact up to the first freeze where that multiple is its interval."""
     from ds_autofreeze.config import get_autofreeze_config
     records = [BlockStats.from_json(d["stats"]) for d in decisions]
     logged = records[0].steps
