@@ -82,9 +82,10 @@ class FrozenPrefix:
 
     # ------------------------------------------------------------------ the forward
     def _before(self, _module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        # _after always runs, even when this hook or an earlier one raises: it must find an entry.
+        self._contexts.append(None)
         ids = kwargs.pop("example_ids", None)
         k = self.adapter.num_frozen
-        stack = None
         use_cache = self.cache is not None and ids is not None and self.adapter.model.training
         # Without input_ids the prefix has already run (generate hands the decoder precomputed
         # encoder_outputs) or the caller feeds embeddings: the model's own forward serves it.
@@ -94,11 +95,11 @@ class FrozenPrefix:
             hidden = self._from_cache([int(i) for i in ids], inputs) if use_cache else self.compute(k, inputs)
             stack = contextlib.ExitStack()
             stack.enter_context(self.adapter.run_from(k, hidden))
-        self._contexts.append(stack)
+            self._contexts[-1] = stack
         return args, kwargs
 
     def _after(self, _module: nn.Module, _args: tuple, _output: Any) -> None:
-        stack = self._contexts.pop()
+        stack = self._contexts.pop() if self._contexts else None  # None: an earlier pre-hook raised
         if stack is not None:
             stack.close()
 

@@ -232,6 +232,24 @@ def test_attach_refuses_adam_statistics_without_adam():
     af.close()
 
 
+def test_attach_forward_survives_a_pre_hook_that_raises(recwarn):
+    """A pre-hook ahead of AutoFreeze's (a user's check) raises: AutoFreeze's always-called forward
+    hook must not fail on the forward it never saw, and the next forward runs."""
+    engine, af, model = make_engine(0, autofreeze={"enabled": False})
+    af.freeze(1)
+
+    def refuse(module, args, kwargs):
+        raise RuntimeError("refused")
+
+    handle = model.register_forward_pre_hook(refuse, with_kwargs=True, prepend=True)
+    batch = batches(1)[0]
+    with pytest.raises(RuntimeError, match="refused"):
+        engine(**batch)
+    handle.remove()
+    assert not [w for w in recwarn if "always_call" in str(w.message)]
+    assert torch.isfinite(engine(**batch).loss)
+
+
 def test_attach_freeze_validates():
     engine, af, _ = make_engine(0, autofreeze={"enabled": False})
     assert af.decider is None and af.num_frozen_blocks == 0
