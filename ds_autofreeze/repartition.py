@@ -357,7 +357,8 @@ class Repartitioner:
         out = []
         for f in frags:
             state = layout.inner.state.get(f.tensor, {})
-            views = {k: f.view(f.tensor.data if k == MASTER else state[k]) for k in keys if k == MASTER or k in state}
+            sources = {MASTER: f.tensor.data, **state}
+            views = {k: f.view(sources[k]) for k in keys if k in sources}
             out.append(_Piece(index[id(f.param)], f.start, f.numel,
                               {k: v.clone() if copy else v for k, v in views.items()}))
         return out
