@@ -31,8 +31,9 @@ from __future__ import annotations
 
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as tdist
@@ -188,7 +189,7 @@ _ENGINE_NAMES = ("_configure_optimizer", "_configure_basic_optimizer", "_support
                  "loaded_checkpoint_dp_world_size", "seq_dp_world_size", "client_optimizer")
 _LAYOUT_NAMES = {
     "flat": ("destroy", "_lazy_init_hp_params_optimizer_state", "_hp_optimizer_states_linked"),
-    "zero3": ("destroy", "get_param_id", "sub_group_to_group_id", "fp16_groups"),
+    "zero3": ("destroy", "get_param_id", "sub_group_to_group_id", "fp16_groups", "create_reduce_and_remove_grad_hooks"),
     "unfused": (),
     "torch": (),
 }
@@ -307,7 +308,8 @@ class Repartitioner:
             # Before the rebuild re-flattens the staying parameters into a new buffer (and allocates
             # moments below): the old buffer is then freed as soon as they move.
             _own_storage([p for _, params in self.groups for p in params if id(p) in frozen])
-        engine._configure_optimizer(self._basic_optimizer(groups), groups)
+        with _hooks_without_gathers(old_kind):
+            engine._configure_optimizer(self._basic_optimizer(groups), groups)
         self.origins = origins
         new = self.layout = OptimizerLayout(engine.optimizer, *_rank_world())
         # Hyperparameters a scheduler may have moved (lr, initial_lr, step counters) carry over.
@@ -345,15 +347,19 @@ class Repartitioner:
 
     def _capture(self, layout: OptimizerLayout, index: dict[int, int], keys: list[str]) -> list[_Piece]:
         """This rank's slices of the staying parameters' ``keys`` (MASTER: the fp32 master; the others:
-        optimizer state), to carry over. Copied (so the old partitions, which also hold the frozen
-        parameters', are freed before the rebuild allocates) when they are at most this rank's share
-        of what stays; otherwise, on a rank whose partition was mostly staying parameters, the old
-        partitions are kept until the exchange instead: copying would cost more than this rank's
-        whole new state."""
+        optimizer state), to carry over: copies or views of the old partitions, whichever makes the
+        lower peak on this rank. Copies let the old partitions go before the rebuild allocates the new
+        state, and pay off on a rank whose partition was mostly frozen parameters; views keep the old
+        partitions until the exchange, but copy nothing (on one rank, always the lower peak)."""
         frags = [f for f in layout.fragments() if id(f.param) in index]
         staying = sum(getattr(p, "ds_numel", p.numel()) for _, params in self.groups for p in params
                       if id(p) in index)
-        copy = sum(f.numel for f in frags) <= staying / layout.world
+        state_keys = layout.state_keys()
+        old = sum(t.numel() for t in layout.tensors()) * (1 + len(state_keys))  # masters + state
+        freed_anyway = 0 if MASTER in keys else old // (1 + len(state_keys))  # an uncarried master
+        new = staying / layout.world * (1 + len(state_keys))  # ZeRO balances partitions over ranks
+        clones = sum(f.numel for f in frags) * len(keys)
+        copy = max(clones, clones + new - old) < max(0.0, new - freed_anyway)
         out = []
         for f in frags:
             state = layout.inner.state.get(f.tensor, {})
@@ -376,14 +382,21 @@ class Repartitioner:
     def _targets(self, layout: OptimizerLayout, index: dict[int, int], keys: list[str],
                  scalars: dict[int, dict[str, Any]]) -> list[_Piece]:
         """Views of the rebuilt optimizer's masters and (freshly allocated) moments, per fragment."""
+        frags = layout.fragments()
         if keys:
+            # The exchange fills every fragment's range, so only the rest (alignment padding) is zeroed:
+            # zeroing whole moments first was a tenth of a repartition's time.
+            covered: dict[int, list[tuple[int, int]]] = {}
+            for f in frags:
+                covered.setdefault(id(f.tensor), []).append((f.offset, f.numel))
             for group, tensor in layout.tensor_groups():
                 layout.inner.state[tensor] = {**{k: (v.clone() if torch.is_tensor(v) else v)
                                                  for k, v in scalars.get(self.origins[group], {}).items()},
-                                              **{k: torch.zeros_like(tensor) for k in keys}}
+                                              **{k: _zero_uncovered(torch.empty_like(tensor), covered.get(id(tensor), []))
+                                                 for k in keys}}
         return [_Piece(index[id(f.param)], f.start, f.numel,
                        {MASTER: f.view(f.tensor.data), **{k: f.view(layout.inner.state[f.tensor][k]) for k in keys}})
-                for f in layout.fragments()]
+                for f in frags]
 
     def _basic_optimizer(self, groups: list[dict]) -> Any:
         """None (DeepSpeed builds it from the config's 'optimizer' section), or a new instance of the
@@ -481,6 +494,40 @@ class Repartitioner:
         return True
 
 
+@contextmanager
+def _hooks_without_gathers(kind: str) -> Iterator[None]:
+    """ZeRO-3's constructor all-gathers every trainable parameter, one collective each, to register
+    its gradient hooks on the whole parameter, and partitions it again; with torch >= 2.1 those are
+    post-accumulate-grad hooks, which need no gathered data, and the gathers were a third of a
+    ZeRO-3 rebuild. Within the rebuild they are skipped."""
+    if kind != "zero3" or not hasattr(torch.Tensor, "register_post_accumulate_grad_hook"):
+        yield
+        return
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3 as Stage3
+    original = Stage3.create_reduce_and_remove_grad_hooks
+
+    def create_hooks(optimizer: Any) -> None:
+        params = [p for group in optimizer.fp16_groups for p in group]
+        saved = [(p, p.all_gather, p.partition) for p in params]
+        for p in params:
+            p.all_gather = p.partition = _nothing
+        try:
+            original(optimizer)
+        finally:
+            for p, gather, partition in saved:
+                p.all_gather, p.partition = gather, partition
+
+    Stage3.create_reduce_and_remove_grad_hooks = create_hooks
+    try:
+        yield
+    finally:
+        Stage3.create_reduce_and_remove_grad_hooks = original
+
+
+def _nothing(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
 def _empty(inner: torch.optim.Optimizer, wrapper: Any) -> None:
     inner.state = type(inner.state)()
     for group in inner.param_groups:
@@ -496,6 +543,18 @@ def _own_storage(params: Sequence[torch.nn.Parameter]) -> None:
     for p in params:
         if p.untyped_storage().nbytes() > p.numel() * p.element_size():
             p.data = p.data.clone()
+
+
+def _zero_uncovered(tensor: torch.Tensor, ranges: list[tuple[int, int]]) -> torch.Tensor:
+    """``tensor`` with every element outside the (offset, numel) ``ranges`` set to zero."""
+    flat, end = tensor.view(-1), 0
+    for offset, numel in sorted(ranges):
+        if offset > end:
+            flat.narrow(0, end, offset - end).zero_()
+        end = max(end, offset + numel)
+    if end < flat.numel():
+        flat.narrow(0, end, flat.numel() - end).zero_()
+    return tensor
 
 
 def _overlaps(a: Sequence[tuple[int, int, int]], b: Sequence[tuple[int, int, int]]) -> list[tuple[int, int, int]]:

@@ -127,6 +127,14 @@ def test_attach_optimizer_holds_only_trainable_and_carries_state(stage, bf16):
     assert trainable <= masters == moments <= trainable + 64
     after = master_and_moment(af, head)
     assert torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])
+    # The rebuilt moments are filled by the carry where a parameter lives and zero elsewhere (padding).
+    layout = af.repartitioner.layout
+    for tensor in layout.tensors():
+        padding = torch.ones(tensor.numel(), dtype=torch.bool)
+        for f in layout.fragments():
+            if f.tensor is tensor:
+                padding[f.offset:f.offset + f.numel] = False
+        assert not layout.inner.state[tensor]["exp_avg"].view(-1)[padding].any()
     train(engine, af, batches(3, seed=9))  # and the rebuilt optimizer keeps training
     assert not torch.equal(master_and_moment(af, head)[0], after[0])
 
