@@ -91,6 +91,23 @@ def test_attach_frozen_parameters_stay_bit_identical(stage):
     assert all("layer.2." not in n for n in snapshots)
 
 
+def test_attach_zero3_freeze_gathers_no_trainable_parameter(monkeypatch):
+    """ZeRO-3's constructor would all-gather every trainable parameter to hook it; the rebuild skips
+    that (the hooks need no data: the reference-loss test above shows they still reduce). Only the
+    newly frozen parameters are gathered, once, to be kept whole."""
+    from deepspeed.runtime.zero.partition_parameters import Init
+    engine, af, model = make_engine(3, autofreeze=None)
+    train(engine, af, batches(2))
+    gathered = []
+    original = Init._all_gather
+    monkeypatch.setattr(Init, "_all_gather", lambda self, params, *a, **k: (gathered.extend(params),
+                                                                           original(self, params, *a, **k))[1])
+    af.freeze(2)
+    assert gathered and not any(p.requires_grad for p in gathered)
+    monkeypatch.setattr(Init, "_all_gather", original)
+    train(engine, af, batches(2, seed=3))  # and training goes on, gathering for the forward pass
+
+
 def master_and_moment(af, param):
     """The fp32 master copy and Adam exp_avg the optimizer keeps for a model parameter (one rank)."""
     layout = af.repartitioner.layout
