@@ -35,9 +35,9 @@ sys.path.insert(0, os.path.join(ROOT, "bench"))
 sys.path.insert(0, os.path.join(ROOT, "launch"))
 
 import decider_study as study  # noqa: E402
+from finetune import WEIGHT_DECAY_OFF  # noqa: E402
 
 FRONT = 2  # the blocks the shipped rule freezes on MiniLM-L6 (min_trainable 4 of 6)
-WEIGHT_DECAY_OFF = ("bias", "LayerNorm.weight", "norm.weight")  # launch/finetune.py's param_groups
 
 
 def checkpoints(task: str, seed: int) -> list[str]:
@@ -50,9 +50,14 @@ def block_of(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def read(directory: str) -> dict:
+    """A one-rank ZeRO-0 checkpoint's model states (weights, optimizer state, global_steps)."""
+    return torch.load(os.path.join(directory, "mp_rank_00_model_states.pt"), map_location="cpu", weights_only=False)
+
+
 def load(directory: str) -> tuple[int, dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
     """(step, name -> (weight, bias-corrected m, bias-corrected v)) of a one-rank ZeRO-0 checkpoint."""
-    sd = torch.load(os.path.join(directory, "mp_rank_00_model_states.pt"), map_location="cpu", weights_only=False)
+    sd = read(directory)
     names = list(sd["module"])
     # The optimizer's parameter order: the weight-decay group, then the rest (launch/finetune.py).
     order = [n for n in names if not n.endswith(WEIGHT_DECAY_OFF)] + [n for n in names if n.endswith(WEIGHT_DECAY_OFF)]
@@ -114,7 +119,7 @@ def rollback(task: str, seed: int, probe: int) -> list[dict]:
 
     rows, prev = [], None
     for directory in checkpoints(task, seed):
-        sd = torch.load(os.path.join(directory, "mp_rank_00_model_states.pt"), map_location="cpu", weights_only=False)
+        sd = read(directory)
         cur = sd["module"]
         if prev is not None:
             base = loss(cur)

@@ -354,10 +354,11 @@ class Repartitioner:
         frags = [f for f in layout.fragments() if id(f.param) in index]
         staying = sum(getattr(p, "ds_numel", p.numel()) for _, params in self.groups for p in params
                       if id(p) in index)
-        state_keys = layout.state_keys()
-        old = sum(t.numel() for t in layout.tensors()) * (1 + len(state_keys))  # masters + state
-        freed_anyway = 0 if MASTER in keys else old // (1 + len(state_keys))  # an uncarried master
-        new = staying / layout.world * (1 + len(state_keys))  # ZeRO balances partitions over ranks
+        per_element = 1 + len(layout.state_keys())  # the master and each state tensor
+        masters = sum(t.numel() for t in layout.tensors())
+        old = masters * per_element
+        freed_anyway = 0 if MASTER in keys else masters  # an uncarried master goes with the old optimizer
+        new = staying / layout.world * per_element  # ZeRO balances partitions over ranks
         clones = sum(f.numel for f in frags) * len(keys)
         copy = max(clones, clones + new - old) < max(0.0, new - freed_anyway)
         out = []

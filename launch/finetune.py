@@ -203,13 +203,16 @@ def fill_auto(config: dict, total_steps: int) -> dict:
     return config
 
 
-def param_groups(model: torch.nn.Module, weight_decay_off=("bias", "LayerNorm.weight", "norm.weight")) -> list[dict]:
-    # The usual BERT recipe: no weight decay on biases and norm weights. Parameters frozen before
-    # training (LoRA's base weights) are not the optimizer's.
+# The usual BERT recipe: no weight decay on biases and norm weights (names ending so).
+WEIGHT_DECAY_OFF = ("bias", "LayerNorm.weight", "norm.weight")
+
+
+def param_groups(model: torch.nn.Module) -> list[dict]:
+    # Parameters frozen before training (LoRA's base weights) are not the optimizer's.
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if name.endswith(weight_decay_off) else decay).append(p)
+            (no_decay if name.endswith(WEIGHT_DECAY_OFF) else decay).append(p)
     return [g for g in ({"params": decay}, {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
 
 
