@@ -159,13 +159,17 @@ def resume(tasks: list[str], seeds: list[int], fractions: list[float], blocks: l
                     json.dump(done, f, indent=1)
 
 
-def confirm(tasks: list[str], seeds: list[int], name: str, decider: dict[str, Any]) -> None:
-    """``decider`` (with the cache) online on each task and seed, beside the watch run of that seed
-    (full fine-tuning: same data order and dropout): accuracy, freezes, train time."""
+def confirm(tasks: list[str], seeds: list[int], name: str, decider: dict[str, Any],
+            section: Optional[dict[str, Any]] = None) -> None:
+    """``decider`` (with the cache, and the other ``section`` keys of the "autofreeze" section) online on
+    each task and seed, beside the watch run of that seed (full fine-tuning: same data order and
+    dropout): accuracy, freezes, train time."""
+    section = section or {}
     path = os.path.join(OUT, f"confirm-{name}.json")
-    done = json.load(open(path)) if os.path.isfile(path) else {"decider": decider, "runs": {}}
-    if done["decider"] != decider:
-        raise SystemExit(f"{path} holds runs of another setting ({done['decider']}): pick another --name")
+    done = json.load(open(path)) if os.path.isfile(path) else {"decider": decider, "section": section, "runs": {}}
+    if done["decider"] != decider or done.get("section", {}) != section:
+        raise SystemExit(f"{path} holds runs of another setting ({done['decider']}, {done.get('section', {})}): "
+                         "pick another --name")
     with tempfile.TemporaryDirectory() as configs:
         for task, seed in itertools.product(tasks, seeds):
             key = f"{task}/{seed}"
@@ -176,7 +180,8 @@ def confirm(tasks: list[str], seeds: list[int], name: str, decider: dict[str, An
                 with open(finished) as f:
                     result = {"wall_seconds": None, **json.load(f)}
             else:
-                config = write_config({"decider": decider, "cache": {"enabled": True}}, configs, f"confirm-{task}")
+                config = write_config({**section, "decider": decider, "cache": {"enabled": True}}, configs,
+                                      f"confirm-{task}")
                 args, extra = task_args(task, seed, run_dir(task, seed))
                 result = run_one(f"confirm-{name}", config, args, extra=[*extra, "--save_strategy", "no"])
             metric = TASKS[task]["metric"]
@@ -368,6 +373,8 @@ def main() -> None:
     s.add_argument("--name", required=True, help="names the runs and confirm-NAME.json")
     s.add_argument("--decider", type=json.loads, default=None,
                    help="the decider section as JSON (default: the one in configs/autofreeze_cache.json)")
+    s.add_argument("--section", type=json.loads, default=None,
+                   help='other keys of the "autofreeze" section as JSON, e.g. \'{"rescale_clipping": false}\'')
     s = sub.add_parser("replay")
     s.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     p.add_argument("--out", default=OUT, help="where runs and summaries go (default: bench/results/decider_study)")
@@ -379,7 +386,8 @@ def main() -> None:
     elif args.command == "resume":
         resume(args.tasks, args.seeds, args.fractions, args.blocks)
     elif args.command == "confirm":
-        confirm(args.tasks, args.seeds, args.name, args.decider or base_config()["autofreeze"]["decider"])
+        confirm(args.tasks, args.seeds, args.name, args.decider or base_config()["autofreeze"]["decider"],
+                args.section)
     elif args.command == "replay":
         rows = replay_all(args.tasks)
         print_replay(rows)

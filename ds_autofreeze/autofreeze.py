@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import os
 from typing import Any, Callable, Mapping, Optional, Union
 
@@ -37,6 +38,7 @@ from .deciders import Decider
 from .frozen_prefix import FrozenPrefix
 from .model_adapter import ModelAdapter
 from .repartition import Repartitioner
+from .statistics import adam_moments
 
 
 class AutoFreeze:
@@ -115,12 +117,28 @@ class AutoFreeze:
             self.controller.release()  # its sums view the old partitions, which must be freed
         self.adapter.set_frozen(num_frozen_blocks)
         frozen = {id(p) for m in self.adapter.frozen_modules(num_frozen_blocks) for p in m.parameters()}
+        if self.config.rescale_clipping:
+            self._rescale_clipping(frozen)
         self.repartition_seconds.append(self.repartitioner.rebuild(frozen))
         if self.controller is not None:
             self.controller.bind(self.engine.optimizer)
         self.prefix.set_boundary(num_frozen_blocks)
         for listener in self.freeze_listeners:
             listener(num_frozen_blocks)
+
+    def _rescale_clipping(self, frozen: set[int]) -> None:
+        """Scale the clipping threshold by sqrt(the trainable share of the squared gradient norm), so the
+        blocks that stay are clipped as they were (config.rescale_clipping). Adam's second moments give
+        the shares: bias-corrected, they average each parameter's squared (clipped) gradient over the
+        run; clipping scales every parameter of a step alike, so the shares are those of the raw norm."""
+        clip = self.repartitioner.gradient_clipping
+        if clip <= 0:
+            return
+        side = {id(p): int(id(p) not in frozen) for _, params in self.repartitioner.groups for p in params}
+        _, v, _ = adam_moments(self.repartitioner.layout, side, 2, [True, True])
+        if v is None or v[0] + v[1] <= 0:
+            return  # no step yet, or no Adam state: nothing to say what full fine-tuning would clip
+        self.repartitioner.gradient_clipping = clip * math.sqrt(v[1] / (v[0] + v[1]))
 
     def pad_prefix_to(self, length: int, pad_id: int = 0) -> None:
         """Batches are padded to their own longest row (dynamic padding): run the frozen prefix at
@@ -147,6 +165,7 @@ class AutoFreeze:
                 "world_size": dist.get_world_size() if dist.is_initialized() else 1,
                 "decider": self.controller.state_dict() if self.controller else {},
                 "cache": self.cache.manifest() if self.cache else None,
+                "gradient_clipping": self.repartitioner.gradient_clipping,
                 "config": self.config.model_dump(mode="json")}
 
     def close(self) -> None:
@@ -176,12 +195,15 @@ class AutoFreeze:
             return
         self.freeze(new)
         event = {"step": step, "frozen_blocks": new, "trainable_params": self.trainable_parameter_count(),
-                 "repartition_seconds": round(self.repartition_seconds[-1], 4)}
+                 "repartition_seconds": round(self.repartition_seconds[-1], 4),
+                 "gradient_clipping": round(self.repartitioner.gradient_clipping, 6)}
         self.freeze_events.append(event)
         if self.config.log_freezes and self.engine.global_rank == 0:
             print(f"[autofreeze] step {step}: froze blocks 0..{new - 1} of {self.num_blocks} "
                   f"(trainable params {event['trainable_params']:,}, "
-                  f"repartition {event['repartition_seconds']:.2f}s)", flush=True)
+                  f"repartition {event['repartition_seconds']:.2f}s"
+                  + (f", gradient clipping {event['gradient_clipping']:.4g}" if event["gradient_clipping"] else "")
+                  + ")", flush=True)
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, save_dir: str, tag: Optional[str] = None, *args: Any, **kwargs: Any) -> Any:
@@ -213,6 +235,8 @@ class AutoFreeze:
         if state is None:
             return result
         self.freeze_events = state["freeze_events"]
+        if "gradient_clipping" in state:  # as rescaled at the freezes before the save
+            self.repartitioner.gradient_clipping = state["gradient_clipping"]
         if state.get("cache"):
             if self.cache is not None:
                 self._restore_cache(state["cache"])

@@ -243,7 +243,8 @@ class AutoFreezeCallback(TrainerCallback):
                 by_step.setdefault(event["step"], {}).update(
                     {"autofreeze/frozen_blocks": event["frozen_blocks"],
                      "autofreeze/trainable_params": event["trainable_params"],
-                     "autofreeze/repartition_seconds": event["repartition_seconds"]})
+                     "autofreeze/repartition_seconds": event["repartition_seconds"],
+                     "autofreeze/gradient_clipping": event.get("gradient_clipping", 0.0)})
         self._decisions_logged, self._freezes_logged = len(decisions), len(af.freeze_events)
         for step in sorted(by_step):
             metrics = by_step[step]

@@ -184,7 +184,7 @@ def _lp_groups(optimizer: Any) -> Iterable[list[torch.nn.Parameter]]:
 
 
 # Private names used here, by owner; probed at attach.
-_ENGINE_NAMES = ("_configure_optimizer", "_configure_basic_optimizer", "_support_torch_style_backward",
+_ENGINE_NAMES = ("_config", "_configure_optimizer", "_configure_basic_optimizer", "_support_torch_style_backward",
                  "_backward_post_hook", "_load_zero_checkpoint", "_get_all_zero_checkpoint_names",
                  "loaded_checkpoint_dp_world_size", "seq_dp_world_size", "client_optimizer")
 _LAYOUT_NAMES = {
@@ -264,6 +264,18 @@ class Repartitioner:
         # The user's param groups as the optimizer holds them; each rebuild keeps their trainable part.
         self.groups = self.layout.param_groups()
         self.origins = list(range(len(self.groups)))  # the optimizer's group i is self.groups[origins[i]]
+
+    @property
+    def gradient_clipping(self) -> float:
+        return float(self.engine.gradient_clipping() or 0.0)
+
+    @gradient_clipping.setter
+    def gradient_clipping(self, value: float) -> None:
+        # ZeRO-0 reads the engine's config at every step; ZeRO-1/2/3 and the bf16 optimizer copy it
+        # when built (a rebuild after this reads the new one) and keep it in their checkpoints.
+        self.engine._config.gradient_clipping = value
+        if hasattr(self.engine.optimizer, "clip_grad"):
+            self.engine.optimizer.clip_grad = value
 
     def rebuild(self, frozen: set[int]) -> float:
         """Drop the parameters whose id is in ``frozen`` (already requires_grad False) from the

@@ -38,37 +38,46 @@ def train(engine, af, data, on_step=None):
     return losses
 
 
-def reference_losses(model, data, freeze_at: dict[int, int], lr=1e-3):
-    """Plain PyTorch: AdamW, global-norm clipping at 1.0, freeze (requires_grad off + eval) after the given steps."""
+def reference_losses(model, data, freeze_at: dict[int, int], lr=1e-3, rescale_clipping=False):
+    """Plain PyTorch: AdamW, global-norm clipping at 1.0, freeze (requires_grad off + eval) after the given
+    steps; at each freeze the clipping threshold scales by sqrt(the staying parameters' share of the
+    trainable ones' summed exp_avg_sq), as ``rescale_clipping`` does."""
     from ds_autofreeze.model_adapter import ModelAdapter
     adapter = ModelAdapter(model)
     groups = [{"params": [p for n, p in model.named_parameters() if "bias" not in n]},
               {"params": [p for n, p in model.named_parameters() if "bias" in n], "weight_decay": 0.0}]
     opt = torch.optim.AdamW(groups, lr=lr, weight_decay=0.01)
     model.train()
-    losses = []
+    losses, clip = [], 1.0
     torch.manual_seed(123)
     for step, batch in enumerate(data, 1):
         loss = model(**batch).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
         if step in freeze_at:
+            trainable = [p for p in model.parameters() if p.requires_grad]
             adapter.set_frozen(freeze_at[step])  # torch AdamW skips params whose grad stays None
+            if rescale_clipping:
+                def v(params):
+                    return sum(opt.state[p]["exp_avg_sq"].double().sum().item() for p in params)
+                clip *= (v([p for p in trainable if p.requires_grad]) / v(trainable)) ** 0.5
     return losses
 
 
-@pytest.mark.parametrize("stage", [0, 1, 2, 3])
-def test_attach_loss_matches_plain_pytorch_reference(stage):
-    engine, af, model = make_engine(stage)
+@pytest.mark.parametrize("stage,rescale", [(0, False), (0, True), (1, True), (2, True), (3, True)])
+def test_attach_loss_matches_plain_pytorch_reference(stage, rescale):
+    engine, af, model = make_engine(stage, autofreeze={**SCHEDULE, "rescale_clipping": rescale})
     reference_model = tiny_bert(seed=0)
     data = batches(30)
     losses = train(engine, af, data)
-    expected = reference_losses(reference_model, data, {6: 1, 12: 3})
+    expected = reference_losses(reference_model, data, {6: 1, 12: 3}, rescale_clipping=rescale)
     assert [e["step"] for e in af.freeze_events] == [6, 12]
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected), rtol=1e-5, atol=0)
+    clips = [e["gradient_clipping"] for e in af.freeze_events]
+    assert 0 < clips[1] < clips[0] < 1.0 if rescale else clips == [1.0, 1.0]
     # and freezing made a difference, so the comparison is not vacuous
     assert losses != train(*make_engine(stage, autofreeze=None)[:2], data)
 
@@ -190,12 +199,14 @@ def test_attach_gradnorm_freezes_with_gradient_accumulation():
     assert af.num_frozen_blocks <= af.num_blocks - 1
 
 
-@pytest.mark.parametrize("decider", [{"name": "gradnorm", "interval_steps": 4},
-                                     {"name": "snr", "interval_steps": 4, "z": 100.0, "arm": 0.01, "patience": 1}])
-def test_attach_checkpoint_resume_is_bit_identical(tmp_path, decider):
-    af_config = {"total_steps": 24, "decider": decider}
+@pytest.mark.parametrize("stage,decider", [(1, {"name": "gradnorm", "interval_steps": 4}),
+                                           (1, {"name": "snr", "interval_steps": 4, "z": 100.0, "arm": 0.01}),
+                                           (0, {"name": "gradnorm", "interval_steps": 4})])
+def test_attach_checkpoint_resume_is_bit_identical(tmp_path, stage, decider):
+    # ZeRO-0 keeps the rescaled clipping threshold only in AutoFreeze's own state (ZeRO-1/2 also in theirs).
+    af_config = {"total_steps": 24, "decider": decider, "rescale_clipping": True}
     data = batches(24)
-    engine, af, model = make_engine(1, autofreeze=af_config)
+    engine, af, model = make_engine(stage, autofreeze=af_config)
     torch.manual_seed(123)
     losses = []
     for i, batch in enumerate(data):
@@ -211,7 +222,7 @@ def test_attach_checkpoint_resume_is_bit_identical(tmp_path, decider):
     assert frozen_at_save > 0
     final = {n: p.detach().clone() for n, p in model.named_parameters()}
 
-    resumed, af2, model2 = make_engine(1, autofreeze=af_config, seed=7)  # different init: everything from disk
+    resumed, af2, model2 = make_engine(stage, autofreeze=af_config, seed=7)  # different init: everything from disk
     resumed.load_checkpoint(str(tmp_path), tag="mid")
     assert af2.num_frozen_blocks == frozen_at_save and resumed.global_steps == 14
     torch.set_rng_state(rng)

@@ -98,11 +98,14 @@ def test_hf_freeze_repartitions_and_training_logging_saving_continue(tmp_path, s
                 "trainable": sum(numel(p) for p in trainer.model.parameters() if p.requires_grad),
                 "optimizer": trainer.model_wrapped.optimizer}
 
-    trainer, callback, recorder = make_trainer(tmp_path / "out", stage, save_steps=6, record=state)
+    trainer, callback, recorder = make_trainer(tmp_path / "out", stage, autofreeze={**FREEZE_2_AT_STEP_4,
+                                               "rescale_clipping": True}, save_steps=6, record=state)
     trainer.train()
     af, engine, seen = callback.af, trainer.model_wrapped, recorder.snapshots
     assert af.freeze_events == [{"step": 4, "frozen_blocks": 2, "trainable_params": seen[4]["trainable"],
-                                 "repartition_seconds": af.freeze_events[0]["repartition_seconds"]}]
+                                 "repartition_seconds": af.freeze_events[0]["repartition_seconds"],
+                                 "gradient_clipping": round(engine.gradient_clipping(), 6)}]
+    assert 0 < engine.gradient_clipping() < 1.0  # the Trainer's max_grad_norm, rescaled at the freeze
     assert af.config.total_steps == trainer.state.max_steps == 16
 
     # Frozen weights (embeddings, blocks 0-1) are bit-identical from the freeze to the end; the rest trained.
