@@ -235,7 +235,7 @@ class AutoFreeze:
         if state is None:
             return result
         self.freeze_events = state["freeze_events"]
-        if "gradient_clipping" in state:  # as rescaled at the freezes before the save
+        if self.config.rescale_clipping and "gradient_clipping" in state:  # as rescaled before the save
             self.repartitioner.gradient_clipping = state["gradient_clipping"]
         if state.get("cache"):
             if self.cache is not None:
