@@ -40,7 +40,6 @@ BLOCKS = (1, 2, 4)
 
 
 def record(task: str, seed: int, steps: int) -> None:
-    import torch  # noqa: F401 - before DeepSpeed, as the launcher imports them
     from deepspeed.runtime.engine import DeepSpeedEngine
 
     from ds_autofreeze.model_adapter import ModelAdapter
@@ -88,16 +87,16 @@ def analyse(path: str) -> list[dict]:
     total = TOTAL_STEPS[task]
     before, after = (step > 0.06 * total) & (step <= FREEZE_AT * total), step > FREEZE_AT * total
     full = np.minimum(1.0, 1.0 / norm)  # the clip factor of full fine-tuning (threshold 1.0)
+    clipped_sq = (norm * full) ** 2
     out = []
     for k in BLOCKS:
         share = np.array([r[f"share{k}"] for r in rows])
-        clipped_sq = (norm * full) ** 2
         frozen_share = float((share[before] * clipped_sq[before]).sum() / clipped_sq[before].sum())
         staying = norm * np.sqrt(1 - share)
         for threshold, label in ((1.0, "kept"), (np.sqrt(1 - frozen_share), "rescaled")):
-            ratio = np.minimum(1.0, threshold / staying)[after] / full[after]
-            energy = (np.minimum(1.0, threshold / staying)[after] ** 2 * staying[after] ** 2).sum() / \
-                (full[after] ** 2 * staying[after] ** 2).sum()
+            factor = np.minimum(1.0, threshold / staying)[after]
+            ratio = factor / full[after]
+            energy = (factor ** 2 * staying[after] ** 2).sum() / (full[after] ** 2 * staying[after] ** 2).sum()
             out.append({"run": name, "blocks": k, "threshold": label, "steps": int(after.sum()),
                         "clipped": float((norm[after] > 1).mean()), "median_norm": float(np.median(norm[after])),
                         "frozen_share": frozen_share, "ratio_median": float(np.median(ratio)),
