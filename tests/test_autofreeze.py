@@ -8,6 +8,7 @@ import torch
 
 import ds_autofreeze
 from ds_autofreeze.config import ConfigError
+from ds_autofreeze.repartition import _run_view
 
 from conftest import ROOT, batches, ds_config, tiny_bert
 
@@ -143,7 +144,10 @@ def test_attach_optimizer_holds_only_trainable_and_carries_state(stage, bf16):
     head = model.classifier.weight
     before = master_and_moment(af, head)
     assert before[0].dtype == torch.float32 and before[1].abs().sum() > 0
+    where = [p.data_ptr() for p in model.parameters()]
     af.freeze(3)
+    if af.repartitioner.layout.kind == "flat":  # re-flattened in place: no parameter moved
+        assert [p.data_ptr() for p in model.parameters()] == where
     numel = lambda p: getattr(p, "ds_numel", p.numel())  # noqa: E731 - ZeRO-3 holds partitions
     trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
     assert trainable < sum(numel(p) for p in model.parameters()) // 2
@@ -163,6 +167,18 @@ def test_attach_optimizer_holds_only_trainable_and_carries_state(stage, bf16):
         assert not layout.inner.state[tensor]["exp_avg"].view(-1)[padding].any()
     train(engine, af, batches(3, seed=9))  # and the rebuilt optimizer keeps training
     assert not torch.equal(master_and_moment(af, head)[0], after[0])
+
+
+def test_flat_buffer_view_only_where_the_run_lines_up():
+    storage = torch.arange(1.0, 17.0)
+    a, b, c = storage[4:7], storage[8:10], storage[10:12]  # a padded by one to b, then c
+    flat = _run_view([a, b, c], [1, 0, 0], alignment=4)
+    assert flat.data_ptr() == a.data_ptr() and flat.numel() == 8
+    assert flat.tolist() == [5, 6, 7, 0, 9, 10, 11, 12]  # padding zero, as DeepSpeed's copy has it
+    assert _run_view([b, a], [0, 0], alignment=4) is None  # out of order
+    assert _run_view([a, c], [1, 0], alignment=4) is None  # a gap
+    assert _run_view([storage[13:15]], [0], alignment=4) is None  # the padded end would pass the storage's
+    assert _run_view([a.clone(), b], [1, 0], alignment=4) is None  # another storage
 
 
 def test_attach_lr_schedule_continues_through_freeze():
