@@ -320,15 +320,14 @@ class Repartitioner:
             if trainable:
                 groups.append({**h, "params": trainable})
                 origins.append(origin)
-        frozen_params = [p for _, params in self.groups for p in params if id(p) in frozen]
-        if old_kind == "flat":
-            # Before the rebuild allocates: the frozen parameters in a buffer no staying parameter shares
-            # let it go now; the others wait to see whether the rebuild re-flattens it in place.
-            _own_storage(frozen_params, keep={p.untyped_storage().data_ptr() for p in stay})
+        # What holds a parameter's data in the optimizer's flat buffer: itself, or its ZeRO-3 partition.
+        frozen_data = [getattr(p, "ds_tensor", p) for _, params in self.groups for p in params if id(p) in frozen]
+        # Before the rebuild allocates, frozen data in a buffer no staying parameter shares lets it go;
+        # the rest waits to see whether the rebuild re-flattens that buffer in place.
+        _own_storage(frozen_data, keep={getattr(p, "ds_tensor", p).untyped_storage().data_ptr() for p in stay})
         with _hooks_without_gathers(old_kind), _no_full_collection(old_kind), _flatten_in_place(old_kind) as in_place:
             engine._configure_optimizer(self._basic_optimizer(groups), groups)
-        if old_kind == "flat":
-            _own_storage(frozen_params, keep=in_place)
+        _own_storage(frozen_data, keep=in_place)
         self.origins = origins
         new = self.layout = OptimizerLayout(engine.optimizer, *_rank_world())
         # Hyperparameters a scheduler may have moved (lr, initial_lr, step counters) carry over.
@@ -575,54 +574,66 @@ def _empty(inner: torch.optim.Optimizer, wrapper: Any) -> None:
         vars(wrapper).clear()
 
 
-def _own_storage(params: Sequence[torch.nn.Parameter], keep: set[int]) -> None:
-    """Give each parameter its own storage, unless that storage's data_ptr is in ``keep``. ZeRO-1/2
-    and the bf16 optimizer keep a group's parameters as views of one flat buffer; when a rebuild
-    moves the staying ones to a new buffer, the frozen ones would keep the old one (with the staying
-    parameters' old copies) alive."""
-    for p in params:
-        storage = p.untyped_storage()
-        if storage.data_ptr() not in keep and storage.nbytes() > p.numel() * p.element_size():
-            p.data = p.data.clone()
+def _own_storage(tensors: Sequence[torch.Tensor], keep: set[int]) -> None:
+    """Give each tensor its own storage, unless that storage's data_ptr is in ``keep``. ZeRO-1/2 and
+    the bf16 optimizer keep a group's parameters as views of one flat buffer, ZeRO-3 the partitions of
+    all of them; when a rebuild moves the staying ones to a new buffer, the frozen ones would keep the
+    old one (with the staying parameters' old copies) alive."""
+    for t in tensors:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in keep and storage.nbytes() > t.numel() * t.element_size():
+            t.data = t.data.clone()
 
 
 @contextmanager
 def _flatten_in_place(kind: str) -> Iterator[set[int]]:
-    """ZeRO-1/2 and the bf16 optimizer copy a group's parameters into a new flat buffer when built,
-    and a rebuild then had to give the frozen ones their own storage too: a copy of the whole model,
-    two fifths of a ZeRO-2 rebuild. A freeze leaves the staying parameters of a group as a run of the
-    old buffer already laid out as the new one would be (the frozen prefix comes first in module
-    order), so within the rebuild that run becomes the new buffer, a view: nothing is copied and the
-    old buffer stays all in use, the frozen prefix at its front. Yields the data_ptrs of the storages
-    reused so. Where the run does not line up (parameters in another order, a padded end past the old
-    one), DeepSpeed's own copy runs; and where DeepSpeed lacks the method, nothing is patched."""
+    """ZeRO-1/2 and the bf16 optimizer copy a group's parameters into a new flat buffer when built
+    (ZeRO-3 all partitions of this rank, ``defragment``), and a rebuild then had to give the frozen
+    ones their own storage too: a copy of the whole model, two fifths of a ZeRO-2 rebuild. A freeze
+    leaves the staying parameters as a run of the old buffer already laid out as the new one would be
+    (the frozen prefix comes first in module order), so within the rebuild that run becomes the new
+    buffer, a view: nothing is copied and the old buffer stays all in use, the frozen prefix at its
+    front. Yields the data_ptrs of the storages reused so. Where the run does not line up (another
+    parameter order; ZeRO-3 with two param groups, whose runs alternate; a padded end past the old
+    one), DeepSpeed's own copy runs; and where DeepSpeed lacks what is patched, nothing is."""
     in_place: set[int] = set()
-    if kind != "flat":
-        yield in_place
-        return
-    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
-    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
-    owners = ((DeepSpeedZeroOptimizer, "flatten_dense_tensors_aligned"),
-              (BF16_Optimizer, "_flatten_dense_tensors_aligned"))
-    patched = [(cls, name, getattr(cls, name)) for cls, name in owners if hasattr(cls, name)]
 
-    def wrap(original: Any) -> Any:
+    def view_or(original: Any, tensors: Sequence[torch.Tensor], paddings: Sequence[int], alignment: int,
+                *args: Any, **kwargs: Any) -> torch.Tensor:
+        flat = _run_view(tensors, paddings, alignment)
+        if flat is None:
+            return original(*args, **kwargs)
+        in_place.add(flat.untyped_storage().data_ptr())
+        return flat
+
+    def method(original: Any) -> Any:  # flatten_dense_tensors_aligned(self, tensor_list, alignment, ...)
         def flatten(self: Any, tensor_list: list[torch.Tensor], alignment: int, **kwargs: Any) -> torch.Tensor:
             tensors = [t.cpu_data for t in tensor_list] if kwargs.get("use_cpu_data") else tensor_list
-            flat = _run_view(tensors, kwargs.get("param_padding") or [0] * len(tensors), alignment)
-            if flat is None:
-                return original(self, tensor_list, alignment, **kwargs)
-            in_place.add(flat.untyped_storage().data_ptr())
-            return flat
+            return view_or(original, tensors, kwargs.get("param_padding") or [0] * len(tensors), alignment,
+                           self, tensor_list, alignment, **kwargs)
         return flatten
 
-    for cls, name, original in patched:
-        setattr(cls, name, wrap(original))
+    def function(original: Any) -> Any:  # ZeRO-3's defragment(tensors): no padding
+        return lambda tensors: view_or(original, tensors, [0] * len(tensors), 1, tensors)
+
+    owners: list[tuple[Any, str, Any]] = []
+    if kind == "flat":
+        from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+        from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+        owners = [(DeepSpeedZeroOptimizer, "flatten_dense_tensors_aligned", method),
+                  (BF16_Optimizer, "_flatten_dense_tensors_aligned", method)]
+    elif kind == "zero3":
+        from deepspeed.runtime.zero import stage3
+        owners = [(stage3, "defragment", function)]
+    owners = [(owner, name, wrap) for owner, name, wrap in owners if hasattr(owner, name)]
+    originals = [getattr(owner, name) for owner, name, _ in owners]
+    for (owner, name, wrap), original in zip(owners, originals):
+        setattr(owner, name, wrap(original))
     try:
         yield in_place
     finally:
-        for cls, name, original in patched:
-            setattr(cls, name, original)
+        for (owner, name, _), original in zip(owners, originals):
+            setattr(owner, name, original)
 
 
 def _run_view(tensors: Sequence[torch.Tensor], paddings: Sequence[int], alignment: int) -> Optional[torch.Tensor]:
