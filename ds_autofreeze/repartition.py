@@ -320,8 +320,10 @@ class Repartitioner:
             if trainable:
                 groups.append({**h, "params": trainable})
                 origins.append(origin)
-        # What holds a parameter's data in the optimizer's flat buffer: itself, or its ZeRO-3 partition.
-        frozen_data = [getattr(p, "ds_tensor", p) for _, params in self.groups for p in params if id(p) in frozen]
+        # ZeRO-1/2/3 and the bf16 optimizer hold parameter data (ZeRO-3: partitions) in flat buffers.
+        buffers = old_kind in ("flat", "zero3")
+        frozen_data = [getattr(p, "ds_tensor", p) for _, params in self.groups for p in params
+                       if id(p) in frozen] if buffers else []
         # Before the rebuild allocates, frozen data in a buffer no staying parameter shares lets it go;
         # the rest waits to see whether the rebuild re-flattens that buffer in place.
         _own_storage(frozen_data, keep={getattr(p, "ds_tensor", p).untyped_storage().data_ptr() for p in stay})
