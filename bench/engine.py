@@ -234,7 +234,7 @@ def tables(results: dict) -> str:
              "| ZeRO | frozen | trainable params | trainable grad MiB | grad collectives MiB | ratio | "
              "param all-gather MiB | masters MiB | moments MiB | grads MiB | bytes/trainable param | step s |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for stage, rows in results["ranks2"].items():
+    for stage, rows in results.get("ranks2", {}).items():
         for r in rows:
             m = r["memory"]
             per_param = (m["master_weights"] + m["optimizer_moments"] + m["gradients"]) / r["trainable_params"]
@@ -246,7 +246,7 @@ def tables(results: dict) -> str:
                          f"{r['step_seconds']:.3f} |")
     lines += ["", "Repartition time (one rank, freeze 0 -> 4 blocks with optimizer state)", "",
               "| model | params | ZeRO | seconds |", "|---|---|---|---|"]
-    for r in results["repartition"]:
+    for r in results.get("repartition", []):
         lines.append(f"| {r['model']} | {r['params'] / 1e6:.1f}M | {r['stage']} | {r['repartition_seconds']:.2f} |")
     if results.get("repartition_2ranks"):
         lines += ["", "Repartition on 2 ranks, a third of the blocks frozen after a step (fp32): memory per rank "
@@ -290,11 +290,10 @@ def main() -> None:
         results.update(ranks2=part1(args), repartition=part2(args))
     if args.only != "collectives" and args.llama:
         results["repartition_2ranks"] = part3(args)
-    text = tables(results)
-    print(text)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
+    with open(args.out, "w") as f:  # first: minutes of measurements must not hang on the table
         json.dump(results, f, indent=1)
+    print(tables(results))
     print(f"written {args.out}")
 
 
