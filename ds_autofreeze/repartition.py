@@ -321,12 +321,12 @@ class Repartitioner:
                 groups.append({**h, "params": trainable})
                 origins.append(origin)
         # ZeRO-1/2/3 and the bf16 optimizer hold parameter data (ZeRO-3: partitions) in flat buffers.
-        buffers = old_kind in ("flat", "zero3")
-        frozen_data = [getattr(p, "ds_tensor", p) for _, params in self.groups for p in params
-                       if id(p) in frozen] if buffers else []
-        # Before the rebuild allocates, frozen data in a buffer no staying parameter shares lets it go;
-        # the rest waits to see whether the rebuild re-flattens that buffer in place.
-        _own_storage(frozen_data, keep={getattr(p, "ds_tensor", p).untyped_storage().data_ptr() for p in stay})
+        frozen_data = [_data(p) for _, params in self.groups for p in params
+                       if id(p) in frozen] if old_kind in ("flat", "zero3") else []
+        if frozen_data:
+            # Before the rebuild allocates, frozen data in a buffer no staying parameter shares lets it
+            # go; the rest waits to see whether the rebuild re-flattens that buffer in place.
+            _own_storage(frozen_data, keep={_data(p).untyped_storage().data_ptr() for p in stay})
         with _hooks_without_gathers(old_kind), _no_full_collection(old_kind), _flatten_in_place(old_kind) as in_place:
             engine._configure_optimizer(self._basic_optimizer(groups), groups)
         _own_storage(frozen_data, keep=in_place)
@@ -574,6 +574,11 @@ def _empty(inner: torch.optim.Optimizer, wrapper: Any) -> None:
         group["params"] = []
     if wrapper is not None:
         vars(wrapper).clear()
+
+
+def _data(p: torch.nn.Parameter) -> torch.Tensor:
+    """What holds a parameter's data: itself, or under ZeRO-3 its partition."""
+    return getattr(p, "ds_tensor", p)
 
 
 def _own_storage(tensors: Sequence[torch.Tensor], keep: set[int]) -> None:
