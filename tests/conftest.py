@@ -30,6 +30,14 @@ def single_rank_env():
     yield
 
 
+def clip_rescale(opt: torch.optim.Optimizer, before: list) -> float:
+    """What ``rescale_clipping`` multiplies the clipping threshold by at a freeze, for a plain torch
+    Adam(W) reference: sqrt(the staying parameters' share of ``before``'s summed exp_avg_sq)."""
+    def v(params):
+        return sum(opt.state[p]["exp_avg_sq"].double().sum().item() for p in params)
+    return (v([p for p in before if p.requires_grad]) / v(before)) ** 0.5
+
+
 def tiny_bert(num_layers: int = 4, seed: int = 0, dropout: float = 0.1, num_labels: int = 2):
     from transformers import BertConfig, BertForSequenceClassification
     torch.manual_seed(seed)

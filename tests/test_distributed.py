@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from conftest import batches, ds_config, tiny_bert
+from conftest import batches, clip_rescale, ds_config, tiny_bert
 from multirank import run_ranks
 
 SCHEDULE = {"total_steps": 10, "decider": {"name": "schedule", "schedule": [
@@ -21,11 +21,14 @@ GRAD_OPS = ("all_reduce", "all_reduce_coalesced", "reduce", "reduce_scatter", "r
 # Besides the gradients each step reduces the global gradient norm (clipping: one fp32) and,
 # with bf16, an overflow flag: a few bytes that do not depend on the model.
 FIXED_OVERHEAD = 16
+# Below the tiny model's gradient norms, so clipping acts at every step and its rescale at each freeze
+# (the default rescale_clipping) moves the losses the DDP reference is compared with.
+CLIP = 0.1
 
 
 def _engine(stage: int, autofreeze: dict = SCHEDULE, bf16: bool = False, micro: int = 4, accum: int = ACCUM):
     import ds_autofreeze
-    config = ds_config(stage, autofreeze, micro=micro, accum=accum)
+    config = {**ds_config(stage, autofreeze, micro=micro, accum=accum), "gradient_clipping": CLIP}
     if bf16:
         config["bf16"] = {"enabled": True}
     if stage == 3:  # the tiny model's parameters are all below DeepSpeed's default threshold: none would be partitioned
@@ -68,14 +71,16 @@ def _train(engine, af, data, on_step=None) -> list[dict]:
 
 
 def _ddp_reference(rank: int, data, freeze_at: dict[int, int]) -> list[float]:
-    """Plain PyTorch DDP: AdamW, accumulation under no_sync, global-norm clipping at 1.0, and at
-    the given steps the prefix frozen (requires_grad off + eval) and DDP rebuilt over the rest."""
+    """Plain PyTorch DDP: AdamW, accumulation under no_sync, global-norm clipping at CLIP, and at
+    the given steps the prefix frozen (requires_grad off + eval), the threshold rescaled (the
+    default ``rescale_clipping``; DeepSpeed sums the ranks' partitions of the moments, DDP holds
+    them whole) and DDP rebuilt over the rest."""
     from torch.nn.parallel import DistributedDataParallel as DDP
     from ds_autofreeze.model_adapter import ModelAdapter
     model = tiny_bert()
     adapter = ModelAdapter(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
-    ddp, losses = DDP(model), []
+    ddp, losses, clip = DDP(model), [], CLIP
     model.train()
     torch.manual_seed(123)
     for i, batch in enumerate(data):
@@ -89,12 +94,14 @@ def _ddp_reference(rank: int, data, freeze_at: dict[int, int]) -> list[float]:
                 (loss / ACCUM).backward()
         losses.append(loss.item())
         if last:
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+            trainable = [p for p in model.parameters() if p.requires_grad]
+            torch.nn.utils.clip_grad_norm_(trainable, clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
             step = (i + 1) // ACCUM
             if step in freeze_at:
                 adapter.set_frozen(freeze_at[step])
+                clip *= clip_rescale(opt, trainable)
                 ddp = DDP(model)  # DDP's reducer is built for a fixed set of trainable parameters
     return losses
 
