@@ -32,7 +32,7 @@ from compare import bench_parser, cells, run_one, write_results  # noqa: E402
 CONFIGS = {"cpu": {"full": "configs/full.json", "autofreeze+cache": "configs/autofreeze_cache.json"},
            "gpu": {"full": "configs/gpu/full_bf16.json", "autofreeze+cache": "configs/gpu/autofreeze_cache_bf16.json"}}
 # --deciders: the AutoFreeze + cache config with these "autofreeze" keys replaced (one row each; "shipped"
-# keeps it). The paper's rule as its reference code ran it: its setting, the clipping threshold kept.
+# keeps it). The paper's rule in its reference code's setting, the clipping threshold kept as plain freezing does.
 DECIDERS = {
     "shipped": None,
     "gradnorm": {"decider": {"name": "gradnorm", "num_intervals": 10, "min_trainable": 1}, "rescale_clipping": False},
