@@ -228,7 +228,7 @@ class AutoFreezeConfig(_ConfigModel):
     others grows: on MiniLM-L6, freezing 2 of 6 blocks raised their clip factor by a median 1.3x on
     extractive QA and 1.8x on multiple choice, and the shipped rule lost 1.34 F1 on QA's mean of
     three seeds where with the rescale it loses 0.86, within the seed spread (docs/deciders.md).
-    False keeps the threshold, as plain freezing does (and as this repo measured ``gradnorm`` against).
+    False keeps the threshold, as plain freezing does (the README's ``gradnorm`` rows were measured so).
     No effect without clipping, or before the optimizer's first step (nothing measured yet)."""
     log_statistics: bool = False
     """Measure every per-block statistic (gradient moments, Adam's moments, probe drift) at each
