@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from deepspeed import comm as dist
@@ -36,6 +36,7 @@ from deepspeed import comm as dist
 from .model_adapter import ModelAdapter
 from .repartition import Fragment, OptimizerLayout
 
+_CHUNK = 1 << 20  # elements per float64 partial sum (8 MB of temporaries)
 _PROJECTION_DIM = 32  # random projection of each token's hidden state for the drift statistic
 
 
@@ -191,7 +192,7 @@ class GradientMoments:
         local = torch.zeros(3 * n + n * h + 1, dtype=torch.float64, device=self._sq.device)
         for b, acc in enumerate(self._sums):
             if acc.numel():
-                local[b] = acc.abs().sum(dtype=torch.float64)
+                local[b] = _sum64(acc, torch.abs)
                 local[n + b] = torch.dot(acc, acc).double()
                 for j, past in enumerate(self._past):
                     local[3 * n + b * h + j] = torch.dot(acc, past[b]).double()
@@ -246,6 +247,13 @@ class GradientMoments:
         return sum(t.numel() * t.element_size() for t in tensors) + self._sq.numel() * 8
 
 
+def _sum64(t: torch.Tensor, op: Callable[[torch.Tensor], torch.Tensor] = lambda x: x) -> torch.Tensor:
+    """sum(op(t)) accumulated in float64, a chunk at a time: casting a whole tensor first would copy
+    it at twice its size (an embedding's float64 copy was the peak of a 100M model's freeze)."""
+    return sum((op(c).sum(dtype=torch.float64) for c in t.reshape(-1).split(_CHUNK)),
+               torch.zeros((), dtype=torch.float64, device=t.device))
+
+
 def adam_moments(layout: OptimizerLayout, block_of: dict[int, int], num_blocks: int,
                  measured: Sequence[bool]) -> tuple[Optional[list], Optional[list], Optional[float]]:
     """Per block, sum of exp_avg^2 and of exp_avg_sq, each bias-corrected, summed over ranks, and
@@ -264,7 +272,7 @@ def adam_moments(layout: OptimizerLayout, block_of: dict[int, int], num_blocks: 
             m, v = f.view(state["exp_avg"]).float(), f.view(state["exp_avg_sq"]).float()
             b = block_of[id(f.param)]
             local[b] += torch.dot(m, m).double() / (1 - betas[0] ** step) ** 2
-            local[num_blocks + b] += v.sum(dtype=torch.float64) / (1 - betas[1] ** step)
+            local[num_blocks + b] += _sum64(v) / (1 - betas[1] ** step)
     world = 1
     if dist.is_initialized() and dist.get_world_size() > 1:
         world = dist.get_world_size()

@@ -6,7 +6,8 @@ import torch
 
 import ds_autofreeze
 from ds_autofreeze.model_adapter import ModelAdapter
-from ds_autofreeze.statistics import BlockStats
+from ds_autofreeze.repartition import OptimizerLayout
+from ds_autofreeze.statistics import BlockStats, GradientMoments, adam_moments
 
 from conftest import batches, ds_config, tiny_bert
 
@@ -106,3 +107,28 @@ def test_statistics_memory_is_one_float_per_trainable_block_parameter():
     autofreeze.freeze(2)
     block_params = sum(p.numel() for b in range(2, 4) for p in autofreeze.adapter.block_parameters(b))
     assert autofreeze.controller.moments.nbytes() == 4 * block_params + 8 * 4
+
+
+def test_statistics_decision_reductions_copy_no_block():
+    # A decision reduces each block's accumulated gradient and Adam's moments to a few floats. Casting a
+    # whole tensor to float64 for the sum copied it at twice its size (rank 0's peak at a 100M model's
+    # freeze was such a copy of its embedding); the largest allocation must stay below the block's size.
+    from torch.profiler import ProfilerActivity, profile
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(4_000_000))
+    opt = torch.optim.AdamW([p], lr=1e-3)
+    moments = GradientMoments(OptimizerLayout(opt), {id(p): 0}, 1)
+    p.grad = torch.randn_like(p)
+    opt.step()
+
+    def largest_allocation(fn):
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            out = fn()
+        return out, max(e.cpu_memory_usage for e in prof.events())
+
+    (_, l1, a2, q, _), collect_bytes = largest_allocation(lambda: moments.collect([True]))
+    (m2, v, _), adam_bytes = largest_allocation(lambda: adam_moments(OptimizerLayout(opt), {id(p): 0}, 1, [True]))
+    assert max(collect_bytes, adam_bytes) < p.numel() * p.element_size()
+    g = p.grad.double()
+    assert l1[0] == pytest.approx(g.abs().sum().item(), rel=1e-12)
+    assert v[0] == pytest.approx(opt.state[p]["exp_avg_sq"].double().sum().item() / (1 - 0.999), rel=1e-12)
