@@ -25,6 +25,20 @@ RUNS = {"full": "configs/full.json", "static": "configs/static.json", "autofreez
 DEFAULT_RUNS = ["full", "static", "autofreeze", "autofreeze+cache"]
 
 
+def load_config(path: str) -> dict:
+    """A DeepSpeed JSON config; ``path`` relative to the repository or absolute."""
+    with open(os.path.join(ROOT, path)) as f:
+        return json.load(f)
+
+
+def write_config(config: dict, directory: str, name: str) -> str:
+    """``config`` written as ``directory``/``name``.json, for a run's --deepspeed_config; the path."""
+    path = os.path.join(directory, f"{name}.json")
+    with open(path, "w") as f:
+        json.dump(config, f, indent=1)
+    return path
+
+
 def run_one(name: str, config: str, args: argparse.Namespace, launcher: Sequence[str] = (),
             extra: Sequence[str] = ()) -> dict:
     """One launch/finetune.py run (under ``launcher``, e.g. ``deepspeed --num_gpus 2``; default:

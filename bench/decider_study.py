@@ -41,7 +41,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
-from compare import run_one  # noqa: E402
+from compare import load_config, run_one, write_config  # noqa: E402
 from tasks import SETTINGS as TASK_SETTINGS  # noqa: E402
 
 from ds_autofreeze.data import imdb_split  # noqa: E402
@@ -63,17 +63,12 @@ NUM_BLOCKS = 6
 
 
 def base_config() -> dict:
-    with open(os.path.join(ROOT, "configs", "autofreeze_cache.json")) as f:
-        return json.load(f)
+    return load_config("configs/autofreeze_cache.json")
 
 
-def write_config(autofreeze: dict, directory: str, name: str) -> str:
-    config = base_config()
-    config["autofreeze"] = autofreeze
-    path = os.path.join(directory, f"{name}.json")
-    with open(path, "w") as f:
-        json.dump(config, f, indent=1)
-    return path
+def section_config(autofreeze: dict, directory: str, name: str) -> str:
+    """configs/autofreeze_cache.json with ``autofreeze`` as its whole "autofreeze" section, written."""
+    return write_config({**base_config(), "autofreeze": autofreeze}, directory, name)
 
 
 def task_args(task: str, seed: int, out: str) -> tuple[argparse.Namespace, list[str]]:
@@ -113,7 +108,7 @@ def watch(tasks: list[str], seeds: list[int]) -> None:
                 with open(done) as f:
                     result = json.load(f)
             else:
-                config = write_config(af, configs, f"watch-{task}")
+                config = section_config(af, configs, f"watch-{task}")
                 args, extra = task_args(task, seed, run_dir(task, seed))
                 if os.path.isfile(os.path.join(run_dir(task, seed), "watch", "checkpoints", "latest")):
                     extra = [*extra, "--resume_from_checkpoint", "latest"]  # interrupted: its decision log is in the checkpoint
@@ -148,7 +143,7 @@ def resume(tasks: list[str], seeds: list[int], fractions: list[float], blocks: l
                     af = {"decider": {"name": "schedule", "min_trainable": 2,
                                       "schedule": [{"fraction": step / total, "num_frozen_blocks": k}]},
                           "cache": {"enabled": True}}
-                    config = write_config(af, configs, f"resume-{task}")
+                    config = section_config(af, configs, f"resume-{task}")
                     args, extra = task_args(task, seed, run_dir(task, seed))
                     result = run_one(f"resume-{k}at{step}", config, args,
                                      extra=[*extra, "--resume_from_checkpoint", tag, "--save_strategy", "no"])
@@ -180,8 +175,8 @@ def confirm(tasks: list[str], seeds: list[int], name: str, decider: dict[str, An
                 with open(finished) as f:
                     result = {"wall_seconds": None, **json.load(f)}
             else:
-                config = write_config({**section, "decider": decider, "cache": {"enabled": True}}, configs,
-                                      f"confirm-{task}")
+                config = section_config({**section, "decider": decider, "cache": {"enabled": True}}, configs,
+                                        f"confirm-{task}")
                 args, extra = task_args(task, seed, run_dir(task, seed))
                 result = run_one(f"confirm-{name}", config, args, extra=[*extra, "--save_strategy", "no"])
             metric = TASKS[task]["metric"]

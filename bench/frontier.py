@@ -12,10 +12,9 @@ results.json under --out.
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 
-from compare import ROOT, RUNS, bench_parser, run_one, table, write_results
+from compare import RUNS, bench_parser, load_config, run_one, table, write_config, write_results
 
 
 def parse_schedule(text: str) -> list[dict]:
@@ -29,13 +28,9 @@ def parse_schedule(text: str) -> list[dict]:
 
 def schedule_config(entries: list[dict], directory: str, name: str) -> str:
     """configs/autofreeze_cache.json with its decider replaced by the schedule; the path written."""
-    with open(os.path.join(ROOT, RUNS["autofreeze+cache"])) as f:
-        config = json.load(f)
+    config = load_config(RUNS["autofreeze+cache"])
     config["autofreeze"]["decider"] = {"name": "schedule", "schedule": entries}
-    path = os.path.join(directory, f"{name}.json")
-    with open(path, "w") as f:
-        json.dump(config, f, indent=1)
-    return path
+    return write_config(config, directory, name)
 
 
 def main() -> None:

@@ -16,7 +16,6 @@ mean over seeds; writes results.json under --out.
 from __future__ import annotations
 
 import csv
-import json
 import os
 import statistics
 import sys
@@ -27,7 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
-from compare import bench_parser, cells, run_one, write_results  # noqa: E402
+from compare import bench_parser, cells, load_config, run_one, write_config, write_results  # noqa: E402
 
 CONFIGS = {"cpu": {"full": "configs/full.json", "autofreeze+cache": "configs/autofreeze_cache.json"},
            "gpu": {"full": "configs/gpu/full_bf16.json", "autofreeze+cache": "configs/gpu/autofreeze_cache_bf16.json"}}
@@ -61,16 +60,12 @@ def write_data(directory: str, train: int, evaluate: int) -> tuple[str, str]:
 def prepared(config: str, directory: str, gpu: bool, decider: Optional[str] = None) -> str:
     """The config as shipped (or with ``decider``'s keys from DECIDERS); on a GPU with DeepSpeed's torch Adam
     instead of its JIT-built fused one."""
-    with open(os.path.join(ROOT, config)) as f:
-        cfg = json.load(f)
+    cfg = load_config(config)
     if gpu:
         cfg["optimizer"]["params"]["torch_adam"] = True
     if decider and DECIDERS[decider]:
         cfg["autofreeze"].update(DECIDERS[decider])
-    path = os.path.join(directory, f"{decider or 'as-shipped'}-{os.path.basename(config)}")
-    with open(path, "w") as f:
-        json.dump(cfg, f, indent=1)
-    return path
+    return write_config(cfg, directory, f"{decider or 'as-shipped'}-{os.path.basename(config)[:-len('.json')]}")
 
 
 def main() -> None:

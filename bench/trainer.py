@@ -35,7 +35,7 @@ import tempfile
 import time
 from typing import Optional
 
-from compare import ROOT, bench_parser, run_one
+from compare import ROOT, bench_parser, load_config, run_one, write_config
 
 LAUNCHER_CONFIG = "configs/autofreeze_cache.json"
 TRAINER_CONFIG = "configs/trainer_autofreeze_cache.json"
@@ -80,17 +80,13 @@ def run_trainer(name: str, config: str, args: argparse.Namespace, seed: int) -> 
 def with_schedule(path: str, events: list[dict], steps: int, directory: str, name: str) -> str:
     """``path`` with its decider replaced by a fixed schedule freezing at ``events``' steps (no freezing
     for none); the path written."""
-    with open(os.path.join(ROOT, path)) as f:
-        config = json.load(f)
+    config = load_config(path)
     if events:
         config["autofreeze"]["decider"] = {"name": "schedule", "schedule": [
             {"fraction": e["step"] / steps, "num_frozen_blocks": e["frozen_blocks"]} for e in events]}
     else:
         config["autofreeze"]["enabled"] = False
-    out = os.path.join(directory, f"{name}.json")
-    with open(out, "w") as f:
-        json.dump(config, f, indent=1)
-    return out
+    return write_config(config, directory, name)
 
 
 def freezes(result: dict) -> str:
