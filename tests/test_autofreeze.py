@@ -25,9 +25,11 @@ def make_engine(stage=0, autofreeze=SCHEDULE, seed=0, **kw):
     return engine, ds_autofreeze.attach(engine, autofreeze), model
 
 
-def train(engine, af, data, on_step=None):
+def train(engine, af, data, on_step=None, seed=123):
+    """Losses of a training loop over ``data``; the dropout stream from ``seed`` (None: as it is)."""
     losses = []
-    torch.manual_seed(123)  # dropout stream
+    if seed is not None:
+        torch.manual_seed(seed)
     for i, batch in enumerate(data):
         loss = engine(**batch).loss
         engine.backward(loss)
@@ -251,33 +253,22 @@ def test_attach_checkpoint_resume_is_bit_identical(tmp_path, stage, decider):
     af_config = {"total_steps": 24, "decider": decider, "rescale_clipping": True}
     data = batches(24)
     engine, af, model = make_engine(stage, autofreeze=af_config)
-    torch.manual_seed(123)
-    losses = []
-    for i, batch in enumerate(data):
-        loss = engine(**batch).loss
-        engine.backward(loss)
-        engine.step()
-        af.after_step()
-        losses.append(loss.item())
-        if i + 1 == 14:  # mid-interval, after at least one freeze
-            frozen_at_save = af.num_frozen_blocks
+    saved = {}
+
+    def save(step):
+        if step == 14:  # mid-interval, after at least one freeze
             engine.save_checkpoint(str(tmp_path), tag="mid")
-            rng = torch.get_rng_state()
-    assert frozen_at_save > 0
+            saved.update(frozen=af.num_frozen_blocks, rng=torch.get_rng_state())
+
+    losses = train(engine, af, data, on_step=save)
+    assert saved["frozen"] > 0
     final = {n: p.detach().clone() for n, p in model.named_parameters()}
 
     resumed, af2, model2 = make_engine(stage, autofreeze=af_config, seed=7)  # different init: everything from disk
     resumed.load_checkpoint(str(tmp_path), tag="mid")
-    assert af2.num_frozen_blocks == frozen_at_save and resumed.global_steps == 14
-    torch.set_rng_state(rng)
-    resumed_losses = []
-    for batch in data[14:]:
-        loss = resumed(**batch).loss
-        resumed.backward(loss)
-        resumed.step()
-        af2.after_step()
-        resumed_losses.append(loss.item())
-    assert resumed_losses == losses[14:]
+    assert af2.num_frozen_blocks == saved["frozen"] and resumed.global_steps == 14
+    torch.set_rng_state(saved["rng"])
+    assert train(resumed, af2, data[14:], seed=None) == losses[14:]
     assert af2.freeze_events == af.freeze_events and af2.decider.log == af.decider.log
     for name, p in model2.named_parameters():
         assert torch.equal(p, final[name]), name
