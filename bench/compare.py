@@ -39,6 +39,37 @@ def write_config(config: dict, directory: str, name: str) -> str:
     return path
 
 
+def run_command(name: str, cmd: list[str], out_dir: str, reuse: bool = False, env: Optional[dict] = None) -> dict:
+    """Runs a launch script that writes ``out_dir``/all_results.json (its output in ``out_dir``/log.txt);
+    those results plus the wall time. A finished run records its command and results in
+    ``out_dir``/run.json; with ``reuse``, one that finished with the same command is read back instead
+    of run again, so a long bench stopped midway goes on where it stopped (only ratios of runs made
+    side by side in one session compare their times)."""
+    record = os.path.join(out_dir, "run.json")
+    if reuse and os.path.exists(record):
+        with open(record) as f:
+            done = json.load(f)
+        if done["command"] == cmd:
+            print(f"[{name}] reused the finished run in {out_dir}", flush=True)
+            return done["result"]
+    os.makedirs(out_dir, exist_ok=True)
+    log_path = os.path.join(out_dir, "log.txt")
+    print(f"[{name}] {' '.join(cmd)}  (log: {log_path})", flush=True)
+    start = time.perf_counter()
+    with open(log_path, "w") as log:
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+    if proc.returncode != 0:
+        with open(log_path) as f:
+            tail = f.read()[-3000:]
+        raise SystemExit(f"[{name}] failed with exit code {proc.returncode}:\n{tail}")
+    with open(os.path.join(out_dir, "all_results.json")) as f:
+        result = json.load(f)
+    result["wall_seconds"] = round(time.perf_counter() - start, 1)
+    with open(record, "w") as f:
+        json.dump({"command": cmd, "result": result}, f, indent=1)
+    return result
+
+
 def run_one(name: str, config: str, args: argparse.Namespace, launcher: Sequence[str] = (),
             extra: Sequence[str] = ()) -> dict:
     """One launch/finetune.py run (under ``launcher``, e.g. ``deepspeed --num_gpus 2``; default:
@@ -49,19 +80,7 @@ def run_one(name: str, config: str, args: argparse.Namespace, launcher: Sequence
            os.path.join(ROOT, config), "--output_dir", out_dir, "--max_train_samples", str(args.max_train_samples),
            "--max_eval_samples", str(args.max_eval_samples), "--max_seq_length", str(args.max_seq_length),
            "--num_train_epochs", str(args.num_train_epochs), "--seed", str(args.seed), "--no_progress", *extra]
-    os.makedirs(out_dir, exist_ok=True)
-    log_path = os.path.join(out_dir, "log.txt")
-    print(f"[{name}] {' '.join(cmd)}  (log: {log_path})", flush=True)
-    start = time.perf_counter()
-    with open(log_path, "w") as log:
-        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-    if proc.returncode != 0:
-        with open(log_path) as f:
-            tail = f.read()[-3000:]
-        raise SystemExit(f"[{name}] failed with exit code {proc.returncode}:\n{tail}")
-    with open(os.path.join(out_dir, "all_results.json")) as f:
-        result = json.load(f)
-    result["wall_seconds"] = round(time.perf_counter() - start, 1)
+    result = run_command(name, cmd, out_dir, args.reuse)
     scores = ", ".join(f"{k[5:]} {v:.4f}" for k, v in result.items() if k.startswith("eval_") and v is not None)
     print(f"[{name}] {scores}, train {result['train_runtime']:.1f}s, "
           f"frozen {result['final_frozen_blocks']}", flush=True)
@@ -132,6 +151,9 @@ def bench_parser(doc: str, out: str) -> argparse.ArgumentParser:
     p.add_argument("--max_seq_length", type=int, default=128)
     p.add_argument("--num_train_epochs", type=int, default=3)
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--reuse", action="store_true",
+                   help="read back runs that already finished with the same command (their run.json) instead of "
+                        "running them again")
     # Absolute: the runs write there from the repository root, whatever the caller's directory.
     p.add_argument("--out", type=os.path.abspath, default=os.path.join(ROOT, "bench", "results", out))
     return p

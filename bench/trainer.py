@@ -4,6 +4,7 @@
     python bench/trainer.py                  # MiniLM-L6, IMDb 4,000 / 5,000, 3 epochs, batch 32, seed 42
     python bench/trainer.py --seeds 42 43 44 # the accuracy spread over seeds, both paths
     python bench/trainer.py --max_train_samples 320 --max_eval_samples 200 --num_train_epochs 1   # a quick look
+    python bench/trainer.py --reuse          # go on after a stop: runs that finished are read back
 
 Both run AutoFreeze (the shipped `snr` rule) with the activation cache: configs/autofreeze_cache.json, and its
 Trainer twin configs/trainer_autofreeze_cache.json (the same values, "auto" where the Trainer sets
@@ -29,13 +30,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import tempfile
-import time
 from typing import Optional
 
-from compare import ROOT, bench_parser, load_config, run_one, write_config
+from compare import ROOT, bench_parser, load_config, run_command, run_one, write_config
 
 LAUNCHER_CONFIG = "configs/autofreeze_cache.json"
 TRAINER_CONFIG = "configs/trainer_autofreeze_cache.json"
@@ -59,19 +57,8 @@ def run_trainer(name: str, config: str, args: argparse.Namespace, seed: int) -> 
            "--max_eval_samples", str(args.max_eval_samples), "--max_seq_length", str(args.max_seq_length),
            "--num_train_epochs", str(args.num_train_epochs), "--per_device_train_batch_size", str(BATCH),
            "--warmup_steps", str(warmup), "--seed", str(seed), "--save_strategy", "no", "--no_progress"]
-    os.makedirs(out_dir, exist_ok=True)
-    log_path = os.path.join(out_dir, "log.txt")
-    print(f"[{name}] {' '.join(cmd)}  (log: {log_path})", flush=True)
-    start = time.perf_counter()
-    with open(log_path, "w") as log:
-        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-                              env={**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")})
-    if proc.returncode != 0:
-        with open(log_path) as f:
-            raise SystemExit(f"[{name}] failed with exit code {proc.returncode}:\n{f.read()[-3000:]}")
-    with open(os.path.join(out_dir, "all_results.json")) as f:
-        result = json.load(f)
-    result["wall_seconds"] = round(time.perf_counter() - start, 1)
+    result = run_command(name, cmd, out_dir, args.reuse,
+                         env={**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")})
     print(f"[{name}] accuracy {result['eval_accuracy']:.4f}, train {result['train_runtime']:.1f}s, "
           f"frozen {result['final_frozen_blocks']}", flush=True)
     return result
@@ -157,13 +144,16 @@ def main() -> None:
     first = results[f"launcher seed{seeds[0]}"]
     if freezes(first) != freezes(results[f"trainer seed{seeds[0]}"]):
         # Train times compare only at the same work: both paths again, freezing where the launcher did.
-        with tempfile.TemporaryDirectory() as configs:
-            events, steps = first["freeze_events"], total_steps(args)
-            results["launcher (launcher's freezes)"] = run_one(
-                "launcher-schedule", with_schedule(LAUNCHER_CONFIG, events, steps, configs, "launcher"), args,
-                extra=["--seed", str(seeds[0])])
-            results["trainer (launcher's freezes)"] = run_trainer(
-                "trainer-schedule", with_schedule(TRAINER_CONFIG, events, steps, configs, "trainer"), args, seeds[0])
+        # Beside the runs, not in a temporary directory: the same schedule gives the same command, so
+        # --reuse finds these runs too.
+        configs = os.path.join(args.out, "configs")
+        os.makedirs(configs, exist_ok=True)
+        events, steps = first["freeze_events"], total_steps(args)
+        results["launcher (launcher's freezes)"] = run_one(
+            "launcher-schedule", with_schedule(LAUNCHER_CONFIG, events, steps, configs, "launcher"), args,
+            extra=["--seed", str(seeds[0])])
+        results["trainer (launcher's freezes)"] = run_trainer(
+            "trainer-schedule", with_schedule(TRAINER_CONFIG, events, steps, configs, "trainer"), args, seeds[0])
         overhead = ("launcher (launcher's freezes)", "trainer (launcher's freezes)")
 
     summary = summarize(results, seeds, args.seed_spread, overhead)
