@@ -43,7 +43,7 @@ OVERHEAD_LIMIT = 1.05
 
 
 def total_steps(args: argparse.Namespace) -> int:
-    """Optimizer steps of a run on either path (whole batches only)."""
+    """Optimizer steps of a run on either path."""
     return args.max_train_samples // BATCH * args.num_train_epochs
 
 
@@ -134,6 +134,10 @@ def main() -> None:
                         "42-44 in this setting, docs/deciders.md: 0.80 pt)")
     args = p.parse_args()
     seeds = args.seeds or [args.seed]
+    if args.max_train_samples % BATCH:
+        # The launcher trains whole batches only, the Trainer its last partial batch too (evaluating
+        # every example needs its dataloader_drop_last off): the same work needs whole batches.
+        p.error(f"--max_train_samples must be a multiple of the batch size {BATCH}, got {args.max_train_samples}")
 
     results: dict[str, dict] = {}
     for seed in seeds:

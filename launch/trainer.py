@@ -78,7 +78,9 @@ def encode(tokenizer: Any, examples: TextExamples, max_seq_length: int) -> Token
 
 
 def accuracy(prediction: EvalPrediction) -> dict[str, float]:
-    return {"accuracy": float((np.argmax(prediction.predictions, -1) == prediction.label_ids).mean())}
+    # "examples": how many the accuracy is over, to be compared with --max_eval_samples.
+    return {"accuracy": float((np.argmax(prediction.predictions, -1) == prediction.label_ids).mean()),
+            "examples": len(prediction.label_ids)}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -97,13 +99,14 @@ def main(argv: list[str] | None = None) -> dict:
 
     set_seed(args.seed)  # the classifier head's initialization
     model = AutoModelForSequenceClassification.from_pretrained(args.model_name_or_path, num_labels=2)
+    # No dataloader_drop_last: the Trainer applies it to evaluation too (it would skip the last eval
+    # batch); a last partial training batch then trains, where launch/finetune.py trains whole ones.
     training_args = TrainingArguments(
         output_dir=args.output_dir, deepspeed=args.deepspeed_config, seed=args.seed,
         per_device_train_batch_size=args.per_device_train_batch_size,
         per_device_eval_batch_size=max(args.per_device_train_batch_size, 32),
         num_train_epochs=args.num_train_epochs, learning_rate=args.learning_rate, weight_decay=args.weight_decay,
         warmup_steps=args.warmup_steps, max_grad_norm=1.0,
-        dataloader_drop_last=True,  # whole batches only, as launch/finetune.py
         eval_strategy="epoch", save_strategy=args.save_strategy, logging_steps=25, report_to="none",
         disable_tqdm=args.no_progress, dataloader_pin_memory=torch.cuda.is_available())
     # ExampleIds: each example carries its dataset index, the activation cache's key (evaluation
@@ -122,6 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
     results = {
         "task": "classification",
         "eval_accuracy": evals[-1]["eval_accuracy"] if evals else None,
+        "eval_examples": evals[-1]["eval_examples"] if evals else 0,
         "train_loss": metrics["train_loss"],
         "train_runtime": round(metrics["train_runtime"] - eval_seconds, 3),  # without evaluation, as launch/finetune.py
         "train_steps": trainer.state.global_step,

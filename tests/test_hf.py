@@ -3,6 +3,8 @@
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import deepspeed
 import pytest
@@ -12,7 +14,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, default_da
 from ds_autofreeze.config import ConfigError
 from ds_autofreeze.hf import AutoFreezeCallback, ExampleIds
 
-from conftest import tiny_bert
+from conftest import ROOT, tiny_bert
 
 FREEZE_2_AT_STEP_4 = {"decider": {"name": "schedule", "schedule": [{"fraction": 0.25, "num_frozen_blocks": 2}]}}
 
@@ -266,3 +268,30 @@ def test_hf_lora_adapters_of_frozen_blocks_freeze_the_others_train(tmp_path, cac
         plain = make_trainer(tmp_path / "plain", 2, model=lora_bert())[0]
         plain.train()
         assert losses(trainer) == losses(plain) and callback.af.cache.stats.ram_hits > 0
+
+
+# ---------------------------------------------------------------- the example script
+
+def test_trainer_example_script_trains_freezes_and_evaluates_every_example(tmp_path):
+    """launch/trainer.py as a user runs it (packaged MiniLM, packaged reviews): the freeze happens, the
+    second epoch is served from the cache in part, and all 40 held-out examples are evaluated, though 40 is not
+    a multiple of the evaluation batch (32)."""
+    config = json.load(open(os.path.join(ROOT, "configs", "trainer_autofreeze_cache.json")))
+    # Frozen after step 2 of 4 in epoch 1: its last two batches are written, and hit in epoch 2.
+    config["autofreeze"]["decider"] = {"name": "schedule", "schedule": [{"fraction": 0.25, "num_frozen_blocks": 2}]}
+    path = tmp_path / "trainer.json"
+    path.write_text(json.dumps(config))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT",
+                                                             "MASTER_ADDR")}
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "trainer.py"), "--deepspeed_config", str(path),
+                           "--output_dir", str(out), "--max_train_samples", "64", "--max_eval_samples", "40",
+                           "--max_seq_length", "32", "--num_train_epochs", "2", "--per_device_train_batch_size", "16",
+                           "--save_strategy", "no", "--no_progress"],
+                          capture_output=True, text=True, env={**env, "DS_ACCELERATOR": "cpu"}, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    results = json.loads((out / "all_results.json").read_text())
+    assert results["eval_examples"] == 40 and [e["epoch"] for e in results["epochs"]] == [1, 2]
+    assert results["train_steps"] == 8
+    assert [e["frozen_blocks"] for e in results["freeze_events"]] == [2] and results["final_frozen_blocks"] == 2
+    assert results["cache"]["stats"]["hit_rate"] > 0
