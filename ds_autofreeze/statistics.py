@@ -36,7 +36,7 @@ from deepspeed import comm as dist
 from .model_adapter import ModelAdapter
 from .repartition import Fragment, OptimizerLayout
 
-_CHUNK = 1 << 20  # elements per float64 partial sum (8 MB of temporaries)
+_CHUNK = 1 << 20  # elements per partial sum (a 4 MB temporary where the op makes one)
 _PROJECTION_DIM = 32  # random projection of each token's hidden state for the drift statistic
 
 
@@ -248,9 +248,11 @@ class GradientMoments:
 
 
 def _sum64(t: torch.Tensor, op: Callable[[torch.Tensor], torch.Tensor] = lambda x: x) -> torch.Tensor:
-    """sum(op(t)) accumulated in float64, a chunk at a time: casting a whole tensor first would copy
-    it at twice its size (an embedding's float64 copy was the peak of a 100M model's freeze)."""
-    return sum((op(c).sum(dtype=torch.float64) for c in t.reshape(-1).split(_CHUNK)),
+    """sum(op(t)), a chunk at a time, the chunks' sums accumulated in float64. Not a float64 cast:
+    of the whole tensor it is a copy at twice its size (an embedding's was the peak of a 100M model's
+    freeze), and even chunk by chunk it ran at 5 ns an element on CPU (2.4 s of a 300M freeze's
+    pause). A chunk's float32 sum is torch's cascade sum: relative error about 1e-8 here."""
+    return sum((op(c).sum().double() for c in t.reshape(-1).split(_CHUNK)),
                torch.zeros((), dtype=torch.float64, device=t.device))
 
 

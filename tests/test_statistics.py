@@ -129,6 +129,7 @@ def test_statistics_decision_reductions_copy_no_block():
     (_, l1, a2, q, _), collect_bytes = largest_allocation(lambda: moments.collect([True]))
     (m2, v, _), adam_bytes = largest_allocation(lambda: adam_moments(OptimizerLayout(opt), {id(p): 0}, 1, [True]))
     assert max(collect_bytes, adam_bytes) < p.numel() * p.element_size()
+    # Chunks summed in float32 (torch's cascade sum), the chunk sums in float64: ~1e-8 of the exact sum.
     g = p.grad.double()
-    assert l1[0] == pytest.approx(g.abs().sum().item(), rel=1e-12)
-    assert v[0] == pytest.approx(opt.state[p]["exp_avg_sq"].double().sum().item() / (1 - 0.999), rel=1e-12)
+    assert l1[0] == pytest.approx(g.abs().sum().item(), rel=1e-7)
+    assert v[0] == pytest.approx(opt.state[p]["exp_avg_sq"].double().sum().item() / (1 - 0.999), rel=1e-7)
