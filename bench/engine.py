@@ -4,6 +4,7 @@ repartition time and step time, as blocks freeze.
     python bench/engine.py              # MiniLM-L6 on 2 ranks for ZeRO 0-3, BERT-base (random), Llama-300M (2 ranks)
     python bench/engine.py --steps 2    # a quicker look
     python bench/engine.py --only repartition --llama 100M 300M   # the 2-rank repartition cost alone
+    python bench/engine.py --only repartition --stages 2 --profile prof/ --out prof/engine.json   # where its time goes
 
 Part 1 runs each ZeRO stage (0-3) under the real ``deepspeed`` launcher (2 CPU ranks, gloo) on the
 packaged MiniLM-L6 and moves the frozen boundary 0 -> 2 -> 4 of 6 blocks by hand; at each
@@ -13,18 +14,21 @@ repartition (0 -> 4 blocks, optimizer state populated by a step) on one rank for
 random-weight BERT-base. Part 3 freezes a third of a Llama-shaped model's blocks (random weights,
 ``--llama`` sizes) on 2 ranks, ZeRO-1/2/3, and measures each rank's memory before, at the peak of
 and after the repartition (``memory_stats.PeakMemory``; glibc told to mmap large blocks, so freed
-memory leaves the resident set) against the optimizer state it ends with, and its time. Prints
-markdown tables; writes bench/results/engine.json.
+memory leaves the resident set) against the optimizer state it ends with, and its time; with
+``--profile DIR``, each rank's cProfile of the repartition goes to DIR (the ten largest entries by
+own time, rank 0, printed). Prints markdown tables; writes bench/results/engine.json.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import pstats
 import subprocess
 import sys
 import tempfile
 import time
+from typing import Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -130,10 +134,12 @@ def llama(size: str):
 
 
 def repartition_cost(rank: int, world: int, stage: int, size: str, bf16: bool = False,
-                     frozen_fraction: float = 1 / 3) -> dict:
+                     frozen_fraction: float = 1 / 3, profile: Optional[str] = None) -> dict:
     """One rank's view of freezing the first ``frozen_fraction`` of a Llama-shaped model's blocks
     right after a training step (optimizer state populated): wall time, and memory before, at the
-    peak and after, against the optimizer state it ends with (fp32 masters + moments)."""
+    peak and after, against the optimizer state it ends with (fp32 masters + moments); with
+    ``profile`` (a path), the repartition's cProfile written there."""
+    import cProfile
     import gc
     import deepspeed
     import torch
@@ -155,8 +161,14 @@ def repartition_cost(rank: int, world: int, stage: int, size: str, bf16: bool = 
     k = round(af.num_blocks * frozen_fraction)
     gc.collect()
     dist.barrier()
+    profiler = cProfile.Profile() if profile else None
     with PeakMemory(engine.device) as memory:
+        if profiler:
+            profiler.enable()
         af.freeze(k)
+        if profiler:
+            profiler.disable()
+            profiler.dump_stats(profile)
     state = af.training_state_bytes()
     after = state["master_weights"] + state["optimizer_moments"]
     return {"rank": rank, "world": world, "stage": stage, "model": f"Llama-{size}", "params": params, "bf16": bf16,
@@ -169,10 +181,12 @@ def part3(args: argparse.Namespace) -> list[dict]:
     """repartition_cost on 2 ranks under the deepspeed launcher, for each size and ZeRO stage."""
     rows = []
     for size in args.llama:
-        for stage in (1, 2, 3):
+        for stage in args.stages:
             with tempfile.NamedTemporaryFile(suffix=".json") as out:
                 cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(29720 + stage), os.path.abspath(__file__),
                        "--repartition_worker", "--stage", str(stage), "--size", size, "--worker_out", out.name]
+                if args.profile:
+                    cmd += ["--profile", os.path.abspath(args.profile)]
                 print(f"[repartition {size} zero-{stage}] {' '.join(cmd)}", flush=True)
                 # Large tensors straight from mmap: freed memory leaves the resident set, so it can be measured.
                 proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
@@ -182,12 +196,25 @@ def part3(args: argparse.Namespace) -> list[dict]:
                     raise SystemExit(f"[repartition {size} zero-{stage}] failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
                 with open(out.name) as f:
                     rows += json.load(f)
+            if args.profile:
+                path = profile_path(args.profile, size, stage, 0)
+                print(f"[repartition {size} zero-{stage}] rank 0's profile ({path}), largest own times:")
+                pstats.Stats(path).sort_stats("tottime").print_stats(10)
     return rows
+
+
+def profile_path(directory: str, size: str, stage: int, rank: int) -> str:
+    return os.path.join(directory, f"Llama-{size}-zero{stage}-rank{rank}.prof")
 
 
 def repartition_worker(args: argparse.Namespace) -> None:
     import torch.distributed as dist
-    row = repartition_cost(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), args.stage, args.size)
+    rank = int(os.environ["RANK"])
+    profile = None
+    if args.profile:
+        os.makedirs(args.profile, exist_ok=True)
+        profile = profile_path(args.profile, args.size, args.stage, rank)
+    row = repartition_cost(rank, int(os.environ["WORLD_SIZE"]), args.stage, args.size, profile=profile)
     rows = [None] * dist.get_world_size()
     dist.all_gather_object(rows, row)
     if dist.get_rank() == 0:
@@ -269,6 +296,9 @@ def main() -> None:
     p.add_argument("--llama", nargs="*", default=["300M"], choices=list(LLAMA),
                    help="Llama-shaped sizes for the 2-rank repartition cost (none: skip it)")
     p.add_argument("--only", choices=("collectives", "repartition"), default=None, help="run one part")
+    p.add_argument("--stages", nargs="+", type=int, choices=(1, 2, 3), default=[1, 2, 3],
+                   help="ZeRO stages of the 2-rank repartition cost")
+    p.add_argument("--profile", default=None, help="a directory: profile each rank's repartition (cProfile) there")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--repartition_worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--size", default="100M", help=argparse.SUPPRESS)
