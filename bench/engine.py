@@ -15,7 +15,7 @@ random-weight BERT-base. Part 3 freezes a third of a Llama-shaped model's blocks
 ``--llama`` sizes) on 2 ranks, ZeRO-1/2/3, and measures each rank's memory before, at the peak of
 and after the repartition (``memory_stats.PeakMemory``; glibc told to mmap large blocks, so freed
 memory leaves the resident set) against the optimizer state it ends with, and its time; with
-``--profile DIR``, each rank's cProfile of the repartition goes to DIR (the ten largest entries by
+``--profile DIR``, each rank's cProfile of the freeze (clipping rescale and rebuild) goes to DIR (the ten largest entries by
 own time, rank 0, printed). Prints markdown tables; writes bench/results/engine.json.
 """
 from __future__ import annotations
@@ -138,7 +138,7 @@ def repartition_cost(rank: int, world: int, stage: int, size: str, bf16: bool = 
     """One rank's view of freezing the first ``frozen_fraction`` of a Llama-shaped model's blocks
     right after a training step (optimizer state populated): wall time, and memory before, at the
     peak and after, against the optimizer state it ends with (fp32 masters + moments); with
-    ``profile`` (a path), the repartition's cProfile written there."""
+    ``profile`` (a path), the freeze's cProfile written there."""
     import cProfile
     import gc
     import deepspeed
@@ -298,7 +298,7 @@ def main() -> None:
     p.add_argument("--only", choices=("collectives", "repartition"), default=None, help="run one part")
     p.add_argument("--stages", nargs="+", type=int, choices=(1, 2, 3), default=[1, 2, 3],
                    help="ZeRO stages of the 2-rank repartition cost")
-    p.add_argument("--profile", default=None, help="a directory: profile each rank's repartition (cProfile) there")
+    p.add_argument("--profile", default=None, help="a directory: profile each rank's freeze (cProfile) there")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--repartition_worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--size", default="100M", help=argparse.SUPPRESS)
