@@ -116,6 +116,14 @@ def data_files(tmp_path_factory):
     return write_csv(d / "train.csv", 96, 1), write_csv(d / "dev.csv", 40, 2)
 
 
+def script_env(**extra: str) -> dict:
+    """os.environ for a script the test launches: without this process's torch.distributed variables
+    (the script or its launcher sets its own world), DeepSpeed on CPU, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT",
+                                                             "MASTER_ADDR")}
+    return {**env, "DS_ACCELERATOR": "cpu", **extra}
+
+
 def write_config(path, autofreeze=None, **extra):
     config = {"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
               "steps_per_print": 10 ** 6,

@@ -7,13 +7,11 @@ import sys
 import pytest
 
 # tiny_model_dir and data_files are conftest fixtures.
-from conftest import ROOT, free_port, write_config, write_csv
+from conftest import ROOT, free_port, script_env, write_config, write_csv
 
 
 def run(args, launcher=None, timeout=300):
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT",
-                                                             "MASTER_ADDR")}
-    env.update(DS_ACCELERATOR="cpu", PYTHONPATH=ROOT)
+    env = script_env(PYTHONPATH=ROOT)
     cmd = (launcher or [sys.executable]) + [os.path.join(ROOT, "launch", "finetune.py"), "--no_progress", *args]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout)
 

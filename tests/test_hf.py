@@ -14,7 +14,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, default_da
 from ds_autofreeze.config import ConfigError
 from ds_autofreeze.hf import AutoFreezeCallback, ExampleIds
 
-from conftest import ROOT, tiny_bert
+from conftest import ROOT, script_env, tiny_bert
 
 FREEZE_2_AT_STEP_4 = {"decider": {"name": "schedule", "schedule": [{"fraction": 0.25, "num_frozen_blocks": 2}]}}
 
@@ -281,14 +281,12 @@ def test_trainer_example_script_trains_freezes_and_evaluates_every_example(tmp_p
     config["autofreeze"]["decider"] = {"name": "schedule", "schedule": [{"fraction": 0.25, "num_frozen_blocks": 2}]}
     path = tmp_path / "trainer.json"
     path.write_text(json.dumps(config))
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT",
-                                                             "MASTER_ADDR")}
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "trainer.py"), "--deepspeed_config", str(path),
                            "--output_dir", str(out), "--max_train_samples", "64", "--max_eval_samples", "40",
                            "--max_seq_length", "32", "--num_train_epochs", "2", "--per_device_train_batch_size", "16",
                            "--save_strategy", "no", "--no_progress"],
-                          capture_output=True, text=True, env={**env, "DS_ACCELERATOR": "cpu"}, cwd=ROOT, timeout=600)
+                          capture_output=True, text=True, env=script_env(), cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     results = json.loads((out / "all_results.json").read_text())
     assert results["eval_examples"] == 40 and [e["epoch"] for e in results["epochs"]] == [1, 2]
