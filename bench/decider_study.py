@@ -238,6 +238,10 @@ def replay(decisions: list[dict], total: int, warmup: int, config: dict, num_blo
     Exact up to the first freeze where that multiple is its interval."""
     from ds_autofreeze.config import get_autofreeze_config
     records = [BlockStats.from_json(d["stats"]) for d in decisions]
+    for r in records:
+        # Logs from before Adam's step count was recorded: fp32 runs, where no step is skipped, so
+        # it is the optimizer step.
+        r.adam_step = r.step if r.adam_step is None else r.adam_step
     logged = records[0].steps
     cfg = get_autofreeze_config({"autofreeze": {"total_steps": total, "decider": config}}).decider
     interval = config.get("interval_steps") or max(1, total // cfg.num_intervals)
@@ -245,7 +249,13 @@ def replay(decisions: list[dict], total: int, warmup: int, config: dict, num_blo
     cfg = cfg.model_copy(update={"interval_steps": parts * logged})
     decider = build_decider(cfg, num_blocks, total, warmup)
     boundary, events = 0, []
-    for i in range(parts - 1, len(records), parts):
+    for i, record in enumerate(records):
+        if (i + 1) % parts:
+            # What the decider reads between decisions (Adam's ratio in the warmup), at the logged
+            # steps: the online run reads it after every step.
+            if decider.reads_between(record.step):
+                decider.decide(record.step, boundary, _without(record, boundary))
+            continue
         merged = BlockStats.merge(records[i - parts + 1:i + 1])
         if boundary:  # frozen blocks have no statistics in a real run either
             merged = _without(merged, boundary)

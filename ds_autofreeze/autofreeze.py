@@ -135,7 +135,7 @@ class AutoFreeze:
         if clip <= 0:
             return
         side = {id(p): int(id(p) not in frozen) for _, params in self.repartitioner.groups for p in params}
-        _, v, _ = adam_moments(self.repartitioner.layout, side, 2, [True, True])
+        _, v, _, _ = adam_moments(self.repartitioner.layout, side, 2, [True, True])
         if v is None or v[0] + v[1] <= 0:
             return  # no step yet, or no Adam state: nothing to say what full fine-tuning would clip
         self.repartitioner.gradient_clipping = clip * math.sqrt(v[1] / (v[0] + v[1]))

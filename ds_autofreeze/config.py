@@ -84,9 +84,10 @@ class SNRConfig(_IntervalDeciderBase):
     """A block is done when the signal-to-noise ratio of everything the rest of the run could still
     add to it (per-step SNR x effective remaining steps) is below z^2."""
     arm: float = Field(1.0, gt=0.0)
-    """A block can freeze only after one interval's summed gradient showed its signal: interval
-    SNR (K x per-step SNR) at least this. A block that never showed signal is not "converged" but
-    unmeasured (pure noise, too-short intervals), and stays trainable."""
+    """A block can freeze only after its signal once showed: K x per-step SNR at least this (K the
+    interval's steps, or Adam's 1 / (1 - b1); the ``adam`` estimator also reads it after every step
+    of the learning-rate warmup). A block that never showed signal is not "converged" but unmeasured
+    (pure noise, too-short intervals), and stays trainable."""
     window: int = Field(3, ge=1)
     """Decisions whose per-step SNR estimates are averaged for each decision."""
     confidence: float = Field(1.0, ge=0.0)

@@ -2,7 +2,8 @@
 
 ``FreezeController.decide(step, boundary)`` is called after every optimizer step. At the decider's
 decision steps it measures what the decider ``needs`` (every statistic with ``log_statistics``),
-hands it over, and returns the decider's boundary; the caller applies it (``freeze``). Statistics
+hands it over, and returns the decider's boundary (between them, what the decider ``reads_between``,
+which cannot move it); the caller applies it (``freeze``). Statistics
 are decided on by every rank from all-reduced sums, and the boundary is rank 0's, broadcast, so
 ranks never diverge.
 """
@@ -68,11 +69,11 @@ class FreezeController:
         self.probe = ProbeDrift(self.adapter, batch, self.history)
 
     def decide(self, step: int, boundary: int) -> int:
-        stats = None
-        if self.decider.is_decision_step(step):
-            stats = self.statistics(step, boundary)
+        deciding = self.decider.is_decision_step(step)
+        reads = self.measure if deciding else self.decider.reads_between(step)
+        stats = self.statistics(step, boundary, reads) if reads else None
         new = self.decider.decide(step, boundary, stats)
-        if stats is not None and dist.is_initialized() and dist.get_world_size() > 1:
+        if deciding and dist.is_initialized() and dist.get_world_size() > 1:
             # Rank 0's decision is the one applied everywhere, so ranks can never diverge even if
             # float reductions differed. Deciders without statistics decide from the step alone.
             decided = torch.tensor([new], dtype=torch.long, device=self.device)
@@ -80,16 +81,19 @@ class FreezeController:
             new = int(decided.item())
         return new
 
-    def statistics(self, step: int, boundary: int) -> BlockStats:
+    def statistics(self, step: int, boundary: int, measure: frozenset[str]) -> BlockStats:
+        """The statistics in ``measure`` after optimizer step ``step``; the gradient sums start a new
+        interval (only decision steps read them)."""
         n = self.adapter.num_blocks
         measured = [b >= boundary for b in range(n)]
         stats = BlockStats(step=step, steps=0, grad_l1=[None] * n, grad_sum_sq=[None] * n, grad_sq_sum=[None] * n)
-        if self.moments is not None:
+        if "grad" in measure and self.moments is not None:
             stats.steps, stats.grad_l1, stats.grad_sum_sq, stats.grad_sq_sum, stats.grad_dots = \
                 self.moments.collect(measured)
-        if "adam" in self.measure:
-            stats.adam_m2, stats.adam_v, stats.adam_beta1 = adam_moments(self.layout, self._block_of(), n, measured)
-        if "drift" in self.measure:
+        if "adam" in measure:
+            stats.adam_m2, stats.adam_v, stats.adam_beta1, stats.adam_step = \
+                adam_moments(self.layout, self._block_of(), n, measured)
+        if "drift" in measure:
             if self.probe is None:
                 if "drift" in self.decider.needs:
                     raise RuntimeError("the drift decider needs a probe set: set_probe(batch) before training")

@@ -60,6 +60,8 @@ class BlockStats:
     """sum of the bias-corrected second moment."""
     adam_beta1: Optional[float] = None
     """Adam's beta1 (sets the first moment's averaging window)."""
+    adam_step: Optional[int] = None
+    """Adam's step count t (its bias correction: how many gradients the first moment averages)."""
     drift: Optional[list[Optional[float]]] = None
     """||H_b(t) - H_b(prev)|| / ||H_b(t)|| of the block's output on the probe set."""
     grad_dots: Optional[list[Optional[list[float]]]] = None
@@ -85,12 +87,17 @@ class BlockStats:
         return None if a2 is None or q is None or k < 2 else (q - a2 / k) / (k - 1)
 
     def adam_snr(self, block: int) -> Optional[float]:
-        """Per-step signal-to-noise ratio from Adam's moments: E[m^2] ~ ||mu||^2 + c tr C with
-        c = (1 - b1) / (1 + b1) (an EMA of noise keeps that share of its variance) and
-        E[v] ~ ||mu||^2 + tr C, so rho = sum m^2 / sum v gives snr = (rho - c) / (1 - rho)."""
-        if self.adam_m2 is None or self.adam_v is None or self.adam_m2[block] is None or not self.adam_v[block]:
+        """Per-step signal-to-noise ratio from Adam's moments: E[m^2] ~ ||mu||^2 + c_t tr C and
+        E[v] ~ ||mu||^2 + tr C, so rho = sum m^2 / sum v gives snr = (rho - c_t) / (1 - rho). The
+        bias-corrected m averages t gradients with weights proportional to b1^i, which keep
+        c_t = c (1 + b1^t) / (1 - b1^t) of their noise, c = (1 - b1) / (1 + b1): 3.9 c at step 5,
+        within 5% of c only after 33 steps, so the early reads a constant c would take for signal.
+        None at step 1, where m^2 and v are the same gradient's."""
+        if self.adam_m2 is None or self.adam_v is None or self.adam_m2[block] is None or not self.adam_v[block] \
+                or self.adam_step is None or self.adam_step < 2:
             return None
-        rho, c = self.adam_m2[block] / self.adam_v[block], (1 - self.adam_beta1) / (1 + self.adam_beta1)
+        b1, t = self.adam_beta1, self.adam_step
+        rho, c = self.adam_m2[block] / self.adam_v[block], (1 - b1) / (1 + b1) * (1 + b1 ** t) / (1 - b1 ** t)
         return (rho - c) / (1 - rho) if rho < 1 else math.inf
 
     def future_steps(self) -> Optional[float]:
@@ -136,6 +143,7 @@ class BlockStats:
             drift = [None if d is None or len(d) < m else d[m - 1] for d in last.drift_back]
         return cls(step=last.step, steps=sum(p.steps for p in parts), grad_l1=[None] * blocks, grad_sum_sq=a2,
                    grad_sq_sum=q, adam_m2=last.adam_m2, adam_v=last.adam_v, adam_beta1=last.adam_beta1,
+                   adam_step=last.adam_step,
                    drift=drift, lr=last.lr, future_lr_sum=last.future_lr_sum,
                    future_lr_sq_sum=last.future_lr_sq_sum)
 
@@ -256,18 +264,20 @@ def _sum64(t: torch.Tensor, op: Callable[[torch.Tensor], torch.Tensor] = lambda 
                torch.zeros((), dtype=torch.float64, device=t.device))
 
 
-def adam_moments(layout: OptimizerLayout, block_of: dict[int, int], num_blocks: int,
-                 measured: Sequence[bool]) -> tuple[Optional[list], Optional[list], Optional[float]]:
-    """Per block, sum of exp_avg^2 and of exp_avg_sq, each bias-corrected, summed over ranks, and
-    beta1; (None, None, None) for optimizers without Adam's moments (or before their first step)."""
+def adam_moments(layout: OptimizerLayout, block_of: dict[int, int], num_blocks: int, measured: Sequence[bool]
+                 ) -> tuple[Optional[list], Optional[list], Optional[float], Optional[int]]:
+    """Per block, sum of exp_avg^2 and of exp_avg_sq, each bias-corrected, summed over ranks; beta1
+    and Adam's step count; all None for optimizers without Adam's moments (or before their first step)."""
     inner = layout.inner
     frags = [f for f in layout.owned_fragments() if id(f.param) in block_of]
     device = frags[0].tensor.device if frags else torch.device("cpu")
     states = [inner.state.get(f.tensor) or {} for f in frags]
     has_state = all("exp_avg" in st and "exp_avg_sq" in st for st in states)
     betas = inner.param_groups[0].get("betas", (0.9, 0.999))
-    local = torch.zeros(2 * num_blocks + 1, dtype=torch.float64, device=device)
-    local[-1] = 1.0 if has_state else 0.0
+    # Per block the two sums; then: ranks with state, and the step count summed over the ranks that
+    # hold a fragment, and their number (every parameter steps together, so ranks agree on it).
+    local = torch.zeros(2 * num_blocks + 3, dtype=torch.float64, device=device)
+    local[-3] = 1.0 if has_state else 0.0
     if has_state:
         for f, state in zip(frags, states):
             step = float(state.get("step", 1))
@@ -275,15 +285,18 @@ def adam_moments(layout: OptimizerLayout, block_of: dict[int, int], num_blocks: 
             b = block_of[id(f.param)]
             local[b] += torch.dot(m, m).double() / (1 - betas[0] ** step) ** 2
             local[num_blocks + b] += _sum64(v) / (1 - betas[1] ** step)
+        if states:
+            local[-2], local[-1] = float(states[0].get("step", 1)), 1.0
     world = 1
     if dist.is_initialized() and dist.get_world_size() > 1:
         world = dist.get_world_size()
         dist.all_reduce(local)
     values = local.tolist()
-    if values[-1] != world:  # some rank has no Adam state yet
-        return None, None, None
+    if values[-3] != world:  # some rank has no Adam state yet
+        return None, None, None, None
     return ([values[b] if measured[b] else None for b in range(num_blocks)],
-            [values[num_blocks + b] if measured[b] else None for b in range(num_blocks)], float(betas[0]))
+            [values[num_blocks + b] if measured[b] else None for b in range(num_blocks)], float(betas[0]),
+            round(values[-2] / values[-1]) if values[-1] else None)
 
 
 class ProbeDrift:

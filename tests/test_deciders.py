@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from ds_autofreeze.config import ConfigError, GradNormConfig, ScheduleConfig, StaticConfig
+from ds_autofreeze.config import ConfigError, GradNormConfig, ScheduleConfig, SNRConfig, StaticConfig
 from ds_autofreeze.deciders import DECIDERS, GradNormDecider, build_decider
 from ds_autofreeze.statistics import BlockStats
 
@@ -188,3 +188,40 @@ def test_gradnorm_patience_needs_consecutive_qualifying_decisions():
     resumed = build_decider(GradNormConfig(interval_steps=10, patience=2), 6, None)
     resumed.load_state_dict(d.state_dict())
     assert resumed.streak == d.streak
+
+
+def adam_read(step, ratio, num_blocks=2, lr_left=50):
+    """Adam's moments as the snr decider reads them: sum m^2 / sum v = ``ratio`` in every block."""
+    return BlockStats(step=step, steps=1, adam_m2=[ratio] * num_blocks, adam_v=[1.0] * num_blocks,
+                      adam_beta1=0.9, adam_step=step, future_lr_sum=float(lr_left), future_lr_sq_sum=float(lr_left))
+
+
+def test_snr_arms_on_a_warmup_step_between_decisions():
+    """The signal shows at step 5 only, between decisions (every 8 steps, warmup 10): the warmup's
+    reads arm the blocks, which then freeze once done; reads stop at the warmup's end. Read at the
+    decision steps alone, the same run is never armed and never freezes."""
+    config = SNRConfig(interval_steps=8, min_trainable=1, window=1, confidence=0.0)
+    strong, quiet = 0.5, 0.0  # 10 x snr: about 4.7 at step 5; quiet is below the noise floor
+    for warmup_reads in (True, False):
+        decider = build_decider(config, 2, 80, warmup_steps=10)
+        boundary = 0
+        for step in range(1, 81):
+            reads = decider.reads_between(step)
+            assert reads == (frozenset({"adam"}) if step <= 10 and not all(decider.armed) else frozenset())
+            if decider.is_decision_step(step):
+                stats = adam_read(step, quiet)
+            elif reads and warmup_reads:
+                stats = adam_read(step, strong if step == 5 else quiet)
+            else:
+                stats = None
+            boundary = decider.decide(step, boundary, stats)
+        assert boundary == (1 if warmup_reads else 0), warmup_reads
+        assert decider.armed == [warmup_reads] * 2
+
+
+def test_snr_warmup_reads_stop_once_armed_and_only_for_adam():
+    decider = build_decider(SNRConfig(interval_steps=8), 2, 80, warmup_steps=10)
+    decider.decide(3, 0, adam_read(3, 0.5))
+    assert decider.armed == [True, True] and decider.reads_between(4) == frozenset()
+    moments = build_decider(SNRConfig(interval_steps=8, estimator="moments"), 2, 80, warmup_steps=10)
+    assert moments.reads_between(3) == frozenset()

@@ -12,12 +12,12 @@ from ds_autofreeze.statistics import BlockStats, GradientMoments, adam_moments
 from conftest import batches, ds_config, tiny_bert
 
 
-def watch(interval: int, stage: int = 0, steps: int = 8, log_statistics: bool = True):
+def watch(interval: int, stage: int = 0, steps: int = 8, log_statistics: bool = True, scheduler=None):
     """A run that measures every interval and never freezes (min_trainable = all blocks)."""
     model = tiny_bert(dropout=0.0)
     af = {"total_steps": steps, "log_statistics": log_statistics,
           "decider": {"name": "snr", "interval_steps": interval, "min_trainable": 4}}
-    engine, *_, autofreeze = ds_autofreeze.initialize(model=model, config=ds_config(stage, af))
+    engine, *_, autofreeze = ds_autofreeze.initialize(model=model, config=ds_config(stage, af, scheduler=scheduler))
     autofreeze.set_probe({k: v for k, v in batches(1, micro=4, seed=9)[0].items() if k != "labels"})
     for batch in batches(steps):
         engine.backward(engine(**batch).loss)
@@ -127,9 +127,46 @@ def test_statistics_decision_reductions_copy_no_block():
         return out, max(e.cpu_memory_usage for e in prof.events())
 
     (_, l1, a2, q, _), collect_bytes = largest_allocation(lambda: moments.collect([True]))
-    (m2, v, _), adam_bytes = largest_allocation(lambda: adam_moments(OptimizerLayout(opt), {id(p): 0}, 1, [True]))
+    (m2, v, _, _), adam_bytes = largest_allocation(lambda: adam_moments(OptimizerLayout(opt), {id(p): 0}, 1, [True]))
     assert max(collect_bytes, adam_bytes) < p.numel() * p.element_size()
     # Chunks summed in float32 (torch's cascade sum), the chunk sums in float64: ~1e-8 of the exact sum.
     g = p.grad.double()
     assert l1[0] == pytest.approx(g.abs().sum().item(), rel=1e-7)
     assert v[0] == pytest.approx(opt.state[p]["exp_avg_sq"].double().sum().item() / (1 - 0.999), rel=1e-7)
+
+
+@pytest.mark.parametrize("snr", [0.0, 0.2])
+def test_adam_snr_is_unbiased_from_the_second_step(snr):
+    """Read at step t, Adam's ratio estimates the per-step snr from t = 2 on, not only once the first
+    moment's window is full: with the asymptotic noise share c = (1 - b1) / (1 + b1), pure noise read
+    as snr 0.18 at step 5 and 0.06 at step 10, enough to arm a block on nothing. At step 1 m and v
+    hold the same gradient: no estimate."""
+    d = 200_000
+    g = torch.Generator().manual_seed(0)
+    p = torch.nn.Parameter(torch.zeros(d))
+    opt = torch.optim.AdamW([p], lr=1e-3)
+    mu = torch.randn(d, generator=g) * math.sqrt(snr)  # ||mu||^2 ~ snr x d against tr C = d
+    for t in range(1, 31):
+        p.grad = mu + torch.randn(d, generator=g)
+        opt.step()
+        m2, v, beta1, step = adam_moments(OptimizerLayout(opt), {id(p): 0}, 1, [True])
+        stats = BlockStats(step=t, steps=1, adam_m2=m2, adam_v=v, adam_beta1=beta1, adam_step=step)
+        assert step == t
+        if t == 1:
+            assert stats.adam_snr(0) is None
+        else:
+            assert stats.adam_snr(0) == pytest.approx(snr, abs=0.02), t
+
+
+def test_warmup_reads_of_adam_leave_the_interval_sums_whole(monkeypatch):
+    """With a warmup, the adam estimator reads Adam's ratio after warmup steps between decisions (to
+    arm blocks); the gradient sums a watch run logs still cover whole intervals."""
+    import ds_autofreeze.controller as controller
+    reads = []
+    real = controller.adam_moments
+    monkeypatch.setattr(controller, "adam_moments", lambda *a: reads.append(1) or real(*a))
+    warmup = {"type": "WarmupLR", "params": {"warmup_min_lr": 0, "warmup_max_lr": 1e-3, "warmup_num_steps": 6,
+                                             "warmup_type": "linear"}}
+    logged = watch(interval=4, scheduler=warmup)
+    assert [r.steps for r in logged] == [4, 4]
+    assert len(reads) > len(logged)
