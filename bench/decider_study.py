@@ -75,8 +75,9 @@ def task_args(task: str, seed: int, out: str) -> tuple[argparse.Namespace, list[
     """run_one's settings and the task's extra launch arguments (its data files, built once)."""
     spec = TASKS[task]
     train, evaluate, epochs = spec["sizes"]
+    # reuse: off, as the study finds its finished runs itself (their all_results.json)
     args = argparse.Namespace(max_train_samples=train, max_eval_samples=evaluate, max_seq_length=spec["seq"],
-                              num_train_epochs=epochs, seed=seed, out=out)
+                              num_train_epochs=epochs, seed=seed, out=out, reuse=False)
     if spec["task"] is None:
         return args, []
     build, ext, launch_args = TASK_SETTINGS[spec["task"]]
