@@ -3,9 +3,8 @@
 ``FreezeController.decide(step, boundary)`` is called after every optimizer step. At the decider's
 decision steps it measures what the decider ``needs`` (every statistic with ``log_statistics``),
 hands it over, and returns the decider's boundary (between them, what the decider ``reads_between``,
-which cannot move it); the caller applies it (``freeze``). Statistics
-are decided on by every rank from all-reduced sums, and the boundary is rank 0's, broadcast, so
-ranks never diverge.
+which cannot move it); the caller applies it (``freeze``). Statistics are decided on by every rank
+from all-reduced sums, and the boundary is rank 0's, broadcast, so ranks never diverge.
 """
 from __future__ import annotations
 

@@ -181,10 +181,10 @@ class SNRDecider(IntervalDecider):
     snr_b = ||mu_b||^2 / tr C_b of the global-batch gradient (``estimator`` ``moments``: the unbiased
     estimates of ``BlockStats.signal`` / ``noise``; ``adam``: from Adam's bias-corrected moments,
     rho = sum m^2 / sum v ~ (snr + c_t) / (snr + 1), c_t the share of noise Adam's average keeps at
-    step t: ``BlockStats.adam_snr``). Summed over the rest of
-    the run with its learning rates, the update the block would still receive has signal-to-noise
-    ratio R x snr_b, R = (sum lr)^2 / sum lr^2 over the remaining steps (``future_steps``). The block
-    is done when R x snr_b < z^2: what it could still learn would be drowned by noise.
+    step t: ``BlockStats.adam_snr``). Summed over the rest of the run with its learning rates, the
+    update the block would still receive has signal-to-noise ratio R x snr_b, R = (sum lr)^2 / sum
+    lr^2 over the remaining steps (``future_steps``). The block is done when R x snr_b < z^2: what it
+    could still learn would be drowned by noise.
 
     One interval's estimate is noisy where the per-step signal is small (it can come out negative):
     the decision reads the mean of the last ``window`` intervals' estimates plus ``confidence``
@@ -197,8 +197,8 @@ class SNRDecider(IntervalDecider):
     ``adam`` estimator the arm also reads Adam's ratio after every step of the learning-rate warmup:
     that is where fine-tuning shows its signal most, and a few steps either side of the one decision
     step that falls there decided whether a run could ever freeze (IMDb seed 43, span x snr of block 0:
-    0.26 at step 18, 1.95 at step 20; docs/deciders.md). Blocks freeze as a prefix after ``patience`` consecutive done decisions,
-    never during the learning-rate warmup.
+    0.26 at step 18, 1.95 at step 20; docs/deciders.md). Blocks freeze as a prefix after ``patience``
+    consecutive done decisions, never during the learning-rate warmup.
     """
 
     config: SNRConfig

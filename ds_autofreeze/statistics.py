@@ -91,7 +91,7 @@ class BlockStats:
         E[v] ~ ||mu||^2 + tr C, so rho = sum m^2 / sum v gives snr = (rho - c_t) / (1 - rho). The
         bias-corrected m averages t gradients with weights proportional to b1^i, which keep
         c_t = c (1 + b1^t) / (1 - b1^t) of their noise, c = (1 - b1) / (1 + b1): 3.9 c at step 5,
-        within 5% of c only after 33 steps, so the early reads a constant c would take for signal.
+        within 5% of c only after 35 steps, so the early reads a constant c would take for signal.
         None at step 1, where m^2 and v are the same gradient's."""
         if self.adam_m2 is None or self.adam_v is None or self.adam_m2[block] is None or not self.adam_v[block] \
                 or self.adam_step is None or self.adam_step < 2:

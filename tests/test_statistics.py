@@ -139,7 +139,7 @@ def test_statistics_decision_reductions_copy_no_block():
 def test_adam_snr_is_unbiased_from_the_second_step(snr):
     """Read at step t, Adam's ratio estimates the per-step snr from t = 2 on, not only once the first
     moment's window is full: with the asymptotic noise share c = (1 - b1) / (1 + b1), pure noise read
-    as snr 0.18 at step 5 and 0.06 at step 10, enough to arm a block on nothing. At step 1 m and v
+    as snr 0.19 at step 5 and 0.06 at step 10, enough to arm a block on nothing. At step 1 m and v
     hold the same gradient: no estimate."""
     d = 200_000
     g = torch.Generator().manual_seed(0)
