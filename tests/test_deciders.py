@@ -201,7 +201,7 @@ def test_snr_arms_on_a_warmup_step_between_decisions():
     reads arm the blocks, which then freeze once done; reads stop at the warmup's end. Read at the
     decision steps alone, the same run is never armed and never freezes."""
     config = SNRConfig(interval_steps=8, min_trainable=1, window=1, confidence=0.0)
-    strong, quiet = 0.5, 0.0  # 10 x snr: about 4.7 at step 5; quiet is below the noise floor
+    strong, quiet = 0.5, 0.0  # 10 x snr at step 5: about 6; quiet is below the noise floor
     for warmup_reads in (True, False):
         decider = build_decider(config, 2, 80, warmup_steps=10)
         boundary = 0
