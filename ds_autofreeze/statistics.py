@@ -285,8 +285,7 @@ def adam_moments(layout: OptimizerLayout, block_of: dict[int, int], num_blocks: 
             b = block_of[id(f.param)]
             local[b] += torch.dot(m, m).double() / (1 - betas[0] ** step) ** 2
             local[num_blocks + b] += _sum64(v) / (1 - betas[1] ** step)
-        if states:
-            local[-2], local[-1] = float(states[0].get("step", 1)), 1.0
+            local[-2], local[-1] = step, 1.0
     world = 1
     if dist.is_initialized() and dist.get_world_size() > 1:
         world = dist.get_world_size()
