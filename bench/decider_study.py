@@ -243,7 +243,9 @@ def replay(decisions: list[dict], total: int, warmup: int, config: dict, num_blo
         # Logs from before Adam's step count was recorded: fp32 runs, where no step is skipped, so
         # it is the optimizer step.
         r.adam_step = r.step if r.adam_step is None else r.adam_step
-    logged = records[0].steps
+    # Watch runs sum gradients over each logged interval; the adam estimator's own runs sum none
+    # (steps 0), and their first decision step is their interval.
+    logged = records[0].steps or records[0].step
     cfg = get_autofreeze_config({"autofreeze": {"total_steps": total, "decider": config}}).decider
     interval = config.get("interval_steps") or max(1, total // cfg.num_intervals)
     parts = max(1, round(interval / logged))

@@ -21,6 +21,7 @@ own time, rank 0, printed). Prints markdown tables; writes bench/results/engine.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import pstats
@@ -161,14 +162,11 @@ def repartition_cost(rank: int, world: int, stage: int, size: str, bf16: bool = 
     k = round(af.num_blocks * frozen_fraction)
     gc.collect()
     dist.barrier()
-    profiler = cProfile.Profile() if profile else None
-    with PeakMemory(engine.device) as memory:
-        if profiler:
-            profiler.enable()
+    profiler = cProfile.Profile() if profile else contextlib.nullcontext()
+    with PeakMemory(engine.device) as memory, profiler:
         af.freeze(k)
-        if profiler:
-            profiler.disable()
-            profiler.dump_stats(profile)
+    if profile:
+        profiler.dump_stats(profile)
     state = af.training_state_bytes()
     after = state["master_weights"] + state["optimizer_moments"]
     return {"rank": rank, "world": world, "stage": stage, "model": f"Llama-{size}", "params": params, "bf16": bf16,

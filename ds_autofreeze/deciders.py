@@ -210,7 +210,8 @@ class SNRDecider(IntervalDecider):
         self.recent: list[list[float]] = [[] for _ in range(num_blocks)]  # last ``window`` estimates per block
 
     def reads_between(self, step: int) -> frozenset[str]:
-        if self.config.estimator == "adam" and step <= self.warmup_steps and not all(self.armed):
+        # Not at step 1: Adam's first moments are that one gradient exactly (m^2 / v = 1), no estimate.
+        if self.config.estimator == "adam" and 1 < step <= self.warmup_steps and not all(self.armed):
             return self.needs
         return frozenset()
 
