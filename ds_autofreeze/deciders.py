@@ -15,7 +15,7 @@ import numpy as np
 
 from .config import (ConfigError, DriftConfig, GradNormConfig, ScheduleConfig, SNRConfig, StaticConfig,
                      _DeciderBase, _IntervalDeciderBase)
-from .statistics import BlockStats
+from .statistics import ADAM_FIRST_ESTIMATE, BlockStats
 
 
 class Decider:
@@ -210,8 +210,8 @@ class SNRDecider(IntervalDecider):
         self.recent: list[list[float]] = [[] for _ in range(num_blocks)]  # last ``window`` estimates per block
 
     def reads_between(self, step: int) -> frozenset[str]:
-        # Not at step 1: Adam's first moments are that one gradient exactly (m^2 / v = 1), no estimate.
-        if self.config.estimator == "adam" and 1 < step <= self.warmup_steps and not all(self.armed):
+        if self.config.estimator == "adam" and ADAM_FIRST_ESTIMATE <= step <= self.warmup_steps \
+                and not all(self.armed):
             return self.needs
         return frozenset()
 

@@ -38,6 +38,8 @@ from .repartition import Fragment, OptimizerLayout
 
 _CHUNK = 1 << 20  # elements per partial sum (a 4 MB temporary where the op makes one)
 _PROJECTION_DIM = 32  # random projection of each token's hidden state for the drift statistic
+# Adam's first step leaves m^2 / v = 1 whatever the gradient: its ratio estimates from the second on.
+ADAM_FIRST_ESTIMATE = 2
 
 
 @dataclass
@@ -94,7 +96,7 @@ class BlockStats:
         within 5% of c only after 35 steps, so the early reads a constant c would take for signal.
         None at step 1, where m^2 and v are the same gradient's."""
         if self.adam_m2 is None or self.adam_v is None or self.adam_m2[block] is None or not self.adam_v[block] \
-                or self.adam_step is None or self.adam_step < 2:
+                or self.adam_step is None or self.adam_step < ADAM_FIRST_ESTIMATE:
             return None
         b1, t = self.adam_beta1, self.adam_step
         rho, c = self.adam_m2[block] / self.adam_v[block], (1 - b1) / (1 + b1) * (1 + b1 ** t) / (1 - b1 ** t)
