@@ -34,7 +34,7 @@ from .cache import ActivationCache
 from .checkpoint import read_gradient_sums, read_state, resolve_tag, save_state
 from .config import AUTOFREEZE, AutoFreezeConfig, ConfigError, get_autofreeze_config
 from .controller import FreezeController
-from .deciders import Decider
+from .deciders import Decider, IntervalDecider
 from .frozen_prefix import FrozenPrefix
 from .model_adapter import ModelAdapter
 from .repartition import Repartitioner
@@ -88,6 +88,13 @@ class AutoFreeze:
     @property
     def cache(self) -> Optional[ActivationCache]:
         return self.prefix.cache
+
+    def none_frozen(self) -> Optional[str]:
+        """Why nothing froze, for a run's summary: set when a decider reading statistics ran and froze
+        nothing (a user who turned AutoFreeze on must not mistake that for a fast run)."""
+        if isinstance(self.decider, IntervalDecider) and not self.num_frozen_blocks:
+            return self.decider.none_frozen()
+        return None
 
     def trainable_parameter_count(self) -> int:
         return sum(getattr(p, "ds_numel", p.numel()) for p in self.engine.module.parameters() if p.requires_grad)

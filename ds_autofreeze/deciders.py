@@ -110,6 +110,10 @@ class IntervalDecider(Decider):
         to skip the decision (nothing changes, streaks are kept)."""
         raise NotImplementedError
 
+    def none_frozen(self) -> str:
+        """Why a run froze nothing, for its summary."""
+        return f"{self.config.name}: no decision found a block safe to freeze"
+
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "streak": self.streak}
 
@@ -206,8 +210,12 @@ class SNRDecider(IntervalDecider):
     def __init__(self, config: SNRConfig, num_blocks: int, total_steps: Optional[int], warmup_steps: int = 0):
         super().__init__(config, num_blocks, total_steps, warmup_steps)
         self.needs = frozenset({"grad"} if config.estimator == "moments" else {"adam"})
-        self.armed = [False] * num_blocks
+        self.armed_at: list[Optional[int]] = [None] * num_blocks  # the step each block armed at
         self.recent: list[list[float]] = [[] for _ in range(num_blocks)]  # last ``window`` estimates per block
+
+    @property
+    def armed(self) -> list[bool]:
+        return [t is not None for t in self.armed_at]
 
     def reads_between(self, step: int) -> frozenset[str]:
         if self.config.estimator == "adam" and ADAM_FIRST_ESTIMATE <= step <= self.warmup_steps \
@@ -227,7 +235,8 @@ class SNRDecider(IntervalDecider):
             s = self.snr(stats, b)
             if s is not None:
                 span = stats.steps if self.config.estimator == "moments" else 1.0 / (1.0 - stats.adam_beta1)
-                self.armed[b] = self.armed[b] or span * s >= self.config.arm
+                if self.armed_at[b] is None and span * s >= self.config.arm:
+                    self.armed_at[b] = stats.step
 
     def snr(self, stats: BlockStats, block: int) -> Optional[float]:
         if self.config.estimator == "moments":
@@ -252,12 +261,21 @@ class SNRDecider(IntervalDecider):
         return [self.armed[b] and u is not None and future * u < cfg.z ** 2
                 for b, u in zip(range(boundary, self.num_blocks), bounds)]
 
+    def none_frozen(self) -> str:
+        never = [b for b in range(self.max_frozen) if self.armed_at[b] is None]
+        if never:
+            return (f"{super().none_frozen()}: block(s) {', '.join(map(str, never))} never showed a measurable "
+                    f"signal (span x snr >= decider.arm = {self.config.arm}), so they stay trainable")
+        return (f"{super().none_frozen()} (every block armed, at steps {', '.join(map(str, self.armed_at))}; "
+                f"what the rest of the run could still add stayed above the noise, z = {self.config.z})")
+
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "armed": self.armed, "recent": self.recent}
+        return {**super().state_dict(), "armed_at": self.armed_at, "recent": self.recent}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        self.armed = list(state.get("armed", [False] * self.num_blocks))
+        # Checkpoints from before the arming step was kept hold flags only: armed at an unknown step.
+        self.armed_at = list(state.get("armed_at", [0 if a else None for a in state.get("armed", [False] * self.num_blocks)]))
         self.recent = [list(r) for r in state.get("recent", [[] for _ in range(self.num_blocks)])]
 
 

@@ -50,11 +50,14 @@ from typing import Any, Collection, Optional
 import torch
 from deepspeed import DeepSpeedEngine
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.utils import logging
 
 from .autofreeze import AutoFreeze, attach
 from .cache import ActivationCache, crc32_of
 from .config import AutoFreezeConfig, ConfigError, get_autofreeze_config
 from .data import TokenizedDataset
+
+logger = logging.get_logger(__name__)
 
 EXAMPLE_IDS = "example_ids"
 
@@ -221,6 +224,9 @@ class AutoFreezeCallback(TrainerCallback):
         af = self.af
         if af.cache is not None:
             self._log({f"autofreeze/cache/{k}": v for k, v in af.cache.stats.as_dict().items()})
+        if af.none_frozen() and state.is_world_process_zero:
+            logger.warning(f"autofreeze: nothing froze. {af.none_frozen()}; each decision is in the Trainer's "
+                           "log history under autofreeze/decision/")
         # Ends the cache's threads (after writing what is queued) and the statistics hooks; the
         # frozen blocks stay frozen, and the optimizer stays the trainable share.
         af.close()

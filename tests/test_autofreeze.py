@@ -278,6 +278,20 @@ def test_attach_checkpoint_resume_is_bit_identical(tmp_path, stage, decider):
         assert torch.equal(p, final[name]), name
 
 
+def test_attach_says_why_nothing_froze():
+    """Adam's estimate on this tiny model stays below the arming level for 24 steps (above): the snr
+    rule freezes nothing, and the run says which blocks never showed a signal; once blocks are frozen
+    (here by hand) there is nothing to explain."""
+    engine, af, _ = make_engine(0, autofreeze={"total_steps": 24, "decider": {"name": "snr", "interval_steps": 4}})
+    train(engine, af, batches(24))
+    assert af.num_frozen_blocks == 0 and af.decider.max_frozen == 1
+    assert af.none_frozen() == ("snr: no decision found a block safe to freeze: block(s) 0 never showed a "
+                                "measurable signal (span x snr >= decider.arm = 1.0), so they stay trainable")
+    af.freeze(1)
+    assert af.none_frozen() is None
+    af.close()
+
+
 def test_attach_client_optimizer_is_rebuilt_over_the_trainable_parameters():
     model = tiny_bert()
     config = ds_config(0, SCHEDULE)

@@ -219,6 +219,28 @@ def test_snr_arms_on_a_warmup_step_between_decisions():
         assert decider.armed == [warmup_reads] * 2
 
 
+def test_snr_keeps_the_step_each_block_armed_at_and_says_why_nothing_froze():
+    config = SNRConfig(interval_steps=8, min_trainable=1, z=0.01)  # z: no block is ever done
+    decider = build_decider(config, 3, 80, warmup_steps=10)
+    decider.decide(3, 0, BlockStats(step=3, steps=1, adam_m2=[0.5, 0.0, 0.5], adam_v=[1.0] * 3, adam_beta1=0.9,
+                                    adam_step=3, future_lr_sum=50.0, future_lr_sq_sum=50.0))
+    assert decider.armed_at == [3, None, 3] and decider.armed == [True, False, True]
+    assert decider.none_frozen().endswith("block(s) 1 never showed a measurable signal (span x snr >= "
+                                          "decider.arm = 1.0), so they stay trainable")
+    for step in (5, 8):
+        decider.decide(step, 0, adam_read(step, 0.5, num_blocks=3))
+    assert decider.armed_at == [3, 5, 3]  # the first step a block armed at is kept
+    assert decider.none_frozen() == ("snr: no decision found a block safe to freeze (every block armed, at steps "
+                                     "3, 5, 3; what the rest of the run could still add stayed above the noise, "
+                                     "z = 0.01)")
+    resumed = build_decider(config, 3, 80, warmup_steps=10)
+    resumed.load_state_dict(decider.state_dict())
+    assert resumed.armed_at == [3, 5, 3]
+    old = {k: v for k, v in decider.state_dict().items() if k != "armed_at"}
+    resumed.load_state_dict({**old, "armed": [True, False, True]})  # a checkpoint from before armed_at
+    assert resumed.armed == [True, False, True]
+
+
 def test_snr_warmup_reads_stop_once_armed_and_only_for_adam():
     decider = build_decider(SNRConfig(interval_steps=8), 2, 80, warmup_steps=10)
     decider.decide(3, 0, adam_read(3, 0.5))

@@ -47,6 +47,16 @@ def test_finetune_end_to_end_writes_results_and_checkpoints(tmp_path, tiny_model
     assert (out / "checkpoints" / "latest").read_text().strip() == "epoch2"
 
 
+def test_finetune_summary_says_why_nothing_froze(tmp_path, tiny_model_dir, data_files):
+    """A user who turned AutoFreeze on and got no freeze reads that, and why, in the summary."""
+    never_done = {"decider": {"name": "snr", "interval_steps": 4, "z": 1e-3}}
+    proc = run(["--deepspeed_config", write_config(tmp_path / "af.json", never_done), "--model_name_or_path",
+                tiny_model_dir, "--train_file", data_files[0], "--validation_file", data_files[1],
+                "--num_train_epochs", "1", "--max_seq_length", "16", "--output_dir", str(tmp_path / "out")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "freeze_events        none (snr: no decision found a block safe to freeze" in proc.stdout, proc.stdout
+
+
 def test_finetune_cache_gives_the_same_run(tmp_path, tiny_model_dir, data_files):
     common = ["--model_name_or_path", tiny_model_dir, "--train_file", data_files[0], "--validation_file",
               data_files[1], "--max_seq_length", "16", "--num_train_epochs", "3"]
