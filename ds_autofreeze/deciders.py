@@ -112,6 +112,8 @@ class IntervalDecider(Decider):
 
     def none_frozen(self) -> str:
         """Why a run froze nothing, for its summary."""
+        if not self.max_frozen:
+            return f"{self.config.name}: min_trainable={self.config.min_trainable} keeps every block trainable"
         return f"{self.config.name}: no decision found a block safe to freeze"
 
     def state_dict(self) -> dict[str, Any]:
@@ -266,8 +268,11 @@ class SNRDecider(IntervalDecider):
         if never:
             return (f"{super().none_frozen()}: block(s) {', '.join(map(str, never))} never showed a measurable "
                     f"signal (span x snr >= decider.arm = {self.config.arm}), so they stay trainable")
-        return (f"{super().none_frozen()} (every block armed, at steps {', '.join(map(str, self.armed_at))}; "
-                f"what the rest of the run could still add stayed above the noise, z = {self.config.z})")
+        if not self.max_frozen:
+            return super().none_frozen()
+        armed = ", ".join(f"{b}@{self.armed_at[b]}" for b in range(self.max_frozen))
+        return (f"{super().none_frozen()} (armed, block@step: {armed}; what the rest of the run could still "
+                f"add to each stayed above the noise, z = {self.config.z})")
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "armed_at": self.armed_at, "recent": self.recent}
@@ -275,7 +280,8 @@ class SNRDecider(IntervalDecider):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         # Checkpoints from before the arming step was kept hold flags only: armed at an unknown step.
-        self.armed_at = list(state.get("armed_at", [0 if a else None for a in state.get("armed", [False] * self.num_blocks)]))
+        flags = state.get("armed", [False] * self.num_blocks)
+        self.armed_at = list(state.get("armed_at", [0 if a else None for a in flags]))
         self.recent = [list(r) for r in state.get("recent", [[] for _ in range(self.num_blocks)])]
 
 

@@ -224,9 +224,9 @@ class AutoFreezeCallback(TrainerCallback):
         af = self.af
         if af.cache is not None:
             self._log({f"autofreeze/cache/{k}": v for k, v in af.cache.stats.as_dict().items()})
-        if af.none_frozen() and state.is_world_process_zero:
-            logger.warning(f"autofreeze: nothing froze. {af.none_frozen()}; each decision is in the Trainer's "
-                           "log history under autofreeze/decision/")
+        if (why := af.none_frozen()) and state.is_world_process_zero:
+            logger.warning(f"autofreeze: nothing froze. {why}; each decision is in the Trainer's log history "
+                           "under autofreeze/decision/")
         # Ends the cache's threads (after writing what is queued) and the statistics hooks; the
         # frozen blocks stay frozen, and the optimizer stays the trainable share.
         af.close()

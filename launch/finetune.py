@@ -585,8 +585,8 @@ class FinetuneRecipe:
             if state.repacks:
                 lines.append(f"  {'repacks':<20} " + ", ".join(f"step {r['step']}: {r['from_workers']} -> "
                                                                 f"{r['workers']}" for r in state.repacks))
-            if af.none_frozen():
-                events += f" ({af.none_frozen()}; each decision's statistics are in all_results.json)"
+            if why := af.none_frozen():
+                events += f" ({why}; each decision's statistics are in all_results.json)"
             self.say("\n".join(["summary:", *lines, f"  {'freeze_events':<20} {events}",
                                 f"  results written to {os.path.join(args.output_dir, 'all_results.json')}"]))
         af.close()

@@ -230,8 +230,8 @@ def test_snr_keeps_the_step_each_block_armed_at_and_says_why_nothing_froze():
     for step in (5, 8):
         decider.decide(step, 0, adam_read(step, 0.5, num_blocks=3))
     assert decider.armed_at == [3, 5, 3]  # the first step a block armed at is kept
-    assert decider.none_frozen() == ("snr: no decision found a block safe to freeze (every block armed, at steps "
-                                     "3, 5, 3; what the rest of the run could still add stayed above the noise, "
+    assert decider.none_frozen() == ("snr: no decision found a block safe to freeze (armed, block@step: 0@3, 1@5; "
+                                     "what the rest of the run could still add to each stayed above the noise, "
                                      "z = 0.01)")
     resumed = build_decider(config, 3, 80, warmup_steps=10)
     resumed.load_state_dict(decider.state_dict())
@@ -239,6 +239,8 @@ def test_snr_keeps_the_step_each_block_armed_at_and_says_why_nothing_froze():
     old = {k: v for k, v in decider.state_dict().items() if k != "armed_at"}
     resumed.load_state_dict({**old, "armed": [True, False, True]})  # a checkpoint from before armed_at
     assert resumed.armed == [True, False, True]
+    assert build_decider(SNRConfig(min_trainable=3), 3, 80).none_frozen() == \
+        "snr: min_trainable=3 keeps every block trainable"
 
 
 def test_snr_warmup_reads_stop_once_armed_and_only_for_adam():
