@@ -162,10 +162,10 @@ def repartition_cost(rank: int, world: int, stage: int, size: str, bf16: bool = 
     k = round(af.num_blocks * frozen_fraction)
     gc.collect()
     dist.barrier()
-    profiler = cProfile.Profile() if profile else contextlib.nullcontext()
-    with PeakMemory(engine.device) as memory, profiler:
+    profiler = cProfile.Profile() if profile else None
+    with PeakMemory(engine.device) as memory, profiler or contextlib.nullcontext():
         af.freeze(k)
-    if profile:
+    if profiler:
         profiler.dump_stats(profile)
     state = af.training_state_bytes()
     after = state["master_weights"] + state["optimizer_moments"]

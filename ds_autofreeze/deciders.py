@@ -112,9 +112,20 @@ class IntervalDecider(Decider):
 
     def none_frozen(self) -> str:
         """Why a run froze nothing, for its summary."""
+        name = self.config.name
         if not self.max_frozen:
-            return f"{self.config.name}: min_trainable={self.config.min_trainable} keeps every block trainable"
-        return f"{self.config.name}: no decision found a block safe to freeze"
+            return f"{name}: min_trainable={self.config.min_trainable} keeps every block trainable"
+        if not self.log:
+            return f"{name}: the run ended before its first decision (every {self.interval} steps)"
+        if all("skipped" in r or r.get("warmup") for r in self.log):
+            reasons = sorted({r.get("skipped", "inside the learning-rate warmup") for r in self.log})
+            return f"{name}: no decision could freeze ({'; '.join(reasons)})"
+        # Blocks freeze as a prefix: nothing froze because block 0 never qualified.
+        return f"{name}: no decision found block 0 safe to freeze{self.why_not_block0()}"
+
+    def why_not_block0(self) -> str:
+        """What kept block 0 from qualifying, appended to ``none_frozen`` ("" where the log says it)."""
+        return ""
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "streak": self.streak}
@@ -200,7 +211,8 @@ class SNRDecider(IntervalDecider):
     ``arm``, the span being the interval's K steps, or Adam's 1 / (1 - b1)). A block whose signal was
     never measurable (pure noise, intervals too short for its noise level) is not known to have
     converged and stays trainable; this is what keeps the rule from freezing on chance. With the
-    ``adam`` estimator the arm also reads Adam's ratio after every step of the learning-rate warmup:
+    ``adam`` estimator the arm also reads Adam's ratio after every step of the learning-rate warmup
+    from the second (``statistics.ADAM_FIRST_ESTIMATE``):
     that is where fine-tuning shows its signal most, and a few steps either side of the one decision
     step that falls there decided whether a run could ever freeze (IMDb seed 43, span x snr of block 0:
     0.26 at step 18, 1.95 at step 20; docs/deciders.md). Blocks freeze as a prefix after ``patience``
@@ -260,26 +272,24 @@ class SNRDecider(IntervalDecider):
         record.update(snr=[None] * boundary + [float(f"{s:.4g}") for s in snrs],
                       snr_upper=[None] * boundary + [None if u is None else float(f"{u:.4g}") for u in bounds],
                       future_steps=float(f"{future:.4g}"), armed=list(self.armed))
-        return [self.armed[b] and u is not None and future * u < cfg.z ** 2
+        return [self.armed_at[b] is not None and u is not None and future * u < cfg.z ** 2
                 for b, u in zip(range(boundary, self.num_blocks), bounds)]
 
-    def none_frozen(self) -> str:
-        never = [b for b in range(self.max_frozen) if self.armed_at[b] is None]
-        if never:
-            return (f"{super().none_frozen()}: block(s) {', '.join(map(str, never))} never showed a measurable "
-                    f"signal (span x snr >= decider.arm = {self.config.arm}), so they stay trainable")
-        if not self.max_frozen:
-            return super().none_frozen()
-        armed = ", ".join(f"{b}@{self.armed_at[b]}" for b in range(self.max_frozen))
-        return (f"{super().none_frozen()} (armed, block@step: {armed}; what the rest of the run could still "
-                f"add to each stayed above the noise, z = {self.config.z})")
+    def why_not_block0(self) -> str:
+        at = self.armed_at[0]
+        if at is None:
+            return f": it never showed a measurable signal (span x snr >= decider.arm = {self.config.arm})"
+        return (f" (armed {f'at step {at}' if at else 'before its checkpoint'}): what the rest of the run could "
+                f"still add to it never stayed below the noise (z = {self.config.z}) for {self.config.patience} "
+                f"consecutive decision(s)")
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "armed_at": self.armed_at, "recent": self.recent}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        # Checkpoints from before the arming step was kept hold flags only: armed at an unknown step.
+        # Checkpoints from before the arming step was kept hold flags only: 0, a step no block arms at
+        # (Adam's ratio estimates from step 2, an interval's moments from its end), marks it unknown.
         flags = state.get("armed", [False] * self.num_blocks)
         self.armed_at = list(state.get("armed_at", [0 if a else None for a in flags]))
         self.recent = [list(r) for r in state.get("recent", [[] for _ in range(self.num_blocks)])]

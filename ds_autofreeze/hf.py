@@ -45,19 +45,17 @@ Where it hooks in, and why there:
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any, Collection, Optional
 
 import torch
 from deepspeed import DeepSpeedEngine
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
-from transformers.utils import logging
 
 from .autofreeze import AutoFreeze, attach
 from .cache import ActivationCache, crc32_of
 from .config import AutoFreezeConfig, ConfigError, get_autofreeze_config
 from .data import TokenizedDataset
-
-logger = logging.get_logger(__name__)
 
 EXAMPLE_IDS = "example_ids"
 
@@ -225,8 +223,8 @@ class AutoFreezeCallback(TrainerCallback):
         if af.cache is not None:
             self._log({f"autofreeze/cache/{k}": v for k, v in af.cache.stats.as_dict().items()})
         if (why := af.none_frozen()) and state.is_world_process_zero:
-            logger.warning(f"autofreeze: nothing froze. {why}; each decision is in the Trainer's log history "
-                           "under autofreeze/decision/")
+            warnings.warn(f"autofreeze: nothing froze. {why}; each decision is in the Trainer's log history "
+                          "under autofreeze/decision/", stacklevel=2)
         # Ends the cache's threads (after writing what is queued) and the statistics hooks; the
         # frozen blocks stay frozen, and the optimizer stays the trainable share.
         af.close()

@@ -225,20 +225,30 @@ def test_snr_keeps_the_step_each_block_armed_at_and_says_why_nothing_froze():
     decider.decide(3, 0, BlockStats(step=3, steps=1, adam_m2=[0.5, 0.0, 0.5], adam_v=[1.0] * 3, adam_beta1=0.9,
                                     adam_step=3, future_lr_sum=50.0, future_lr_sq_sum=50.0))
     assert decider.armed_at == [3, None, 3] and decider.armed == [True, False, True]
-    assert decider.none_frozen().endswith("block(s) 1 never showed a measurable signal (span x snr >= "
-                                          "decider.arm = 1.0), so they stay trainable")
+    assert decider.none_frozen() == "snr: the run ended before its first decision (every 8 steps)"
     for step in (5, 8):
         decider.decide(step, 0, adam_read(step, 0.5, num_blocks=3))
     assert decider.armed_at == [3, 5, 3]  # the first step a block armed at is kept
-    assert decider.none_frozen() == ("snr: no decision found a block safe to freeze (armed, block@step: 0@3, 1@5; "
-                                     "what the rest of the run could still add to each stayed above the noise, "
-                                     "z = 0.01)")
+    assert decider.none_frozen() == "snr: no decision could freeze (inside the learning-rate warmup)"
+    decider.decide(16, 0, adam_read(16, 0.5, num_blocks=3))
+    assert decider.none_frozen() == ("snr: no decision found block 0 safe to freeze (armed at step 3): what the rest "
+                                     "of the run could still add to it never stayed below the noise (z = 0.01) for "
+                                     "1 consecutive decision(s)")
     resumed = build_decider(config, 3, 80, warmup_steps=10)
     resumed.load_state_dict(decider.state_dict())
     assert resumed.armed_at == [3, 5, 3]
     old = {k: v for k, v in decider.state_dict().items() if k != "armed_at"}
     resumed.load_state_dict({**old, "armed": [True, False, True]})  # a checkpoint from before armed_at
-    assert resumed.armed == [True, False, True]
+    assert resumed.armed == [True, False, True] and "(armed before its checkpoint)" in resumed.none_frozen()
+
+    quiet = build_decider(config, 3, 80)  # block 0 never shows a signal; the others do
+    quiet.decide(8, 0, BlockStats(step=8, steps=1, adam_m2=[0.0, 0.5, 0.5], adam_v=[1.0] * 3, adam_beta1=0.9,
+                                  adam_step=8, future_lr_sum=50.0, future_lr_sq_sum=50.0))
+    assert quiet.none_frozen() == ("snr: no decision found block 0 safe to freeze: it never showed a measurable "
+                                   "signal (span x snr >= decider.arm = 1.0)")
+    unscheduled = build_decider(config, 3, 80)
+    unscheduled.decide(8, 0, adam_read(8, 0.5, num_blocks=3, lr_left=0))
+    assert unscheduled.none_frozen() == "snr: no decision could freeze (no learning-rate schedule)"
     assert build_decider(SNRConfig(min_trainable=3), 3, 80).none_frozen() == \
         "snr: min_trainable=3 keeps every block trainable"
 

@@ -54,7 +54,7 @@ def test_finetune_summary_says_why_nothing_froze(tmp_path, tiny_model_dir, data_
                 tiny_model_dir, "--train_file", data_files[0], "--validation_file", data_files[1],
                 "--num_train_epochs", "1", "--max_seq_length", "16", "--output_dir", str(tmp_path / "out")])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "freeze_events        none (snr: no decision found a block safe to freeze" in proc.stdout, proc.stdout
+    assert "freeze_events        none (snr: no decision found block 0 safe to freeze" in proc.stdout, proc.stdout
 
 
 def test_finetune_cache_gives_the_same_run(tmp_path, tiny_model_dir, data_files):
