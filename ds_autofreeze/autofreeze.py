@@ -96,6 +96,14 @@ class AutoFreeze:
             return self.decider.none_frozen()
         return None
 
+    def freeze_summary(self, decisions_in: str) -> str:
+        """The freezes for a run's summary ("step 126 -> 2, ..."), or "none" and why, pointing to
+        where the run wrote each decision (``decisions_in``)."""
+        events = ", ".join(f"step {e['step']} -> {e['frozen_blocks']}" for e in self.freeze_events) or "none"
+        if why := self.none_frozen():
+            events += f" ({why}; each decision's statistics are in {decisions_in})"
+        return events
+
     def trainable_parameter_count(self) -> int:
         return sum(getattr(p, "ds_numel", p.numel()) for p in self.engine.module.parameters() if p.requires_grad)
 

@@ -271,7 +271,7 @@ class SNRDecider(IntervalDecider):
             bounds.append(_upper_mean(self.recent[b], cfg.confidence) if len(self.recent[b]) == cfg.window else None)
         record.update(snr=[None] * boundary + [float(f"{s:.4g}") for s in snrs],
                       snr_upper=[None] * boundary + [None if u is None else float(f"{u:.4g}") for u in bounds],
-                      future_steps=float(f"{future:.4g}"), armed=list(self.armed))
+                      future_steps=float(f"{future:.4g}"), armed=self.armed)
         return [self.armed_at[b] is not None and u is not None and future * u < cfg.z ** 2
                 for b, u in zip(range(boundary, self.num_blocks), bounds)]
 

@@ -575,7 +575,6 @@ class FinetuneRecipe:
         if self.is_main:
             os.makedirs(args.output_dir, exist_ok=True)
             write_json(os.path.join(args.output_dir, "all_results.json"), results)
-            events = ", ".join(f"step {e['step']} -> {e['frozen_blocks']}" for e in af.freeze_events) or "none"
             lines = [f"  {k:<20} {results[k]}" for k in (*metrics, "train_loss", "train_runtime", "train_steps",
                                                          "final_frozen_blocks", "trainable_params")]
             if af.cache is not None:
@@ -585,8 +584,7 @@ class FinetuneRecipe:
             if state.repacks:
                 lines.append(f"  {'repacks':<20} " + ", ".join(f"step {r['step']}: {r['from_workers']} -> "
                                                                 f"{r['workers']}" for r in state.repacks))
-            if why := af.none_frozen():
-                events += f" ({why}; each decision's statistics are in all_results.json)"
+            events = af.freeze_summary("all_results.json")
             self.say("\n".join(["summary:", *lines, f"  {'freeze_events':<20} {events}",
                                 f"  results written to {os.path.join(args.output_dir, 'all_results.json')}"]))
         af.close()

@@ -140,9 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     if trainer.is_world_process_zero():
         write_json(os.path.join(args.output_dir, "all_results.json"), results)
-        events = ", ".join(f"step {e['step']} -> {e['frozen_blocks']}" for e in af.freeze_events) or "none"
-        if why := af.none_frozen():
-            events += f" ({why}; each decision's statistics are in all_results.json)"
+        events = af.freeze_summary("all_results.json")
         cache = af.cache.stats.as_dict() if af.cache is not None else None
         print(json.dumps({"eval_accuracy": results["eval_accuracy"], "train_runtime": results["train_runtime"],
                           "freeze_events": events, "cache_hit_rate": cache and round(cache["hit_rate"], 3)}),

@@ -280,7 +280,7 @@ def test_attach_checkpoint_resume_is_bit_identical(tmp_path, stage, decider):
 
 def test_attach_says_why_nothing_froze():
     """Adam's estimate on this tiny model stays below the arming level for 24 steps (above): the snr
-    rule freezes nothing, and the run says which blocks never showed a signal; once blocks are frozen
+    rule freezes nothing, and the run says block 0 never showed a signal; once blocks are frozen
     (here by hand) there is nothing to explain."""
     engine, af, _ = make_engine(0, autofreeze={"total_steps": 24, "decider": {"name": "snr", "interval_steps": 4}})
     train(engine, af, batches(24))
