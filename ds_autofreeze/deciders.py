@@ -284,7 +284,9 @@ class SNRDecider(IntervalDecider):
                 f"consecutive decision(s)")
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "armed_at": self.armed_at, "recent": self.recent}
+        # "armed" (the flags alone) too: code from before armed_at reads only that key, and would
+        # otherwise resume with every block unarmed.
+        return {**super().state_dict(), "armed_at": self.armed_at, "armed": self.armed, "recent": self.recent}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)

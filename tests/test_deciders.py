@@ -237,6 +237,7 @@ def test_snr_keeps_the_step_each_block_armed_at_and_says_why_nothing_froze():
     resumed = build_decider(config, 3, 80, warmup_steps=10)
     resumed.load_state_dict(decider.state_dict())
     assert resumed.armed_at == [3, 5, 3]
+    assert decider.state_dict()["armed"] == [True, True, True]  # the key code from before armed_at reads
     old = {k: v for k, v in decider.state_dict().items() if k != "armed_at"}
     resumed.load_state_dict({**old, "armed": [True, False, True]})  # a checkpoint from before armed_at
     assert resumed.armed == [True, False, True] and "(armed before its checkpoint)" in resumed.none_frozen()
