@@ -180,8 +180,11 @@ def _plain_copies(modules: list[nn.Module], gathered: Callable) -> list[nn.Modul
     params = [p for m in modules for p in m.parameters()]
     memo: dict[int, Any] = {}
     with gathered(params):
+        # No clone: DeepSpeed gathers each weight into a tensor of its own and, on leaving, only
+        # rebinds param.data to an empty one, so the gathered tensor is ours to keep, without a
+        # second copy of the newly frozen weights at the freeze. Frozen: nothing writes to it in place.
         for p in params:
-            memo[id(p)] = nn.Parameter(p.data.clone(), requires_grad=False)
+            memo[id(p)] = nn.Parameter(p.data, requires_grad=False)
     for m in modules:
         for sub in m.modules():
             # DeepSpeed's hooks are bound to its own objects: the copies get none.
