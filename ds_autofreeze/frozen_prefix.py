@@ -182,7 +182,8 @@ def _plain_copies(modules: list[nn.Module], gathered: Callable) -> list[nn.Modul
     with gathered(params):
         # No clone: DeepSpeed gathers each weight into a tensor of its own and, on leaving, only
         # rebinds param.data to an empty one, so the gathered tensor is ours to keep, without a
-        # second copy of the newly frozen weights at the freeze. Frozen: nothing writes to it in place.
+        # second copy of the newly frozen weights at the freeze. A persistent (small, never
+        # partitioned) weight is shared with its parameter: frozen, nothing writes to either in place.
         for p in params:
             memo[id(p)] = nn.Parameter(p.data, requires_grad=False)
     for m in modules:
