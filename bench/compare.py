@@ -46,10 +46,11 @@ def run_command(name: str, cmd: list[str], out_dir: str, reuse: bool = False, en
     of run again, so a long bench stopped midway goes on where it stopped (only ratios of runs made
     side by side in one session compare their times)."""
     record = os.path.join(out_dir, "run.json")
+    identity = run_identity(cmd)
     if reuse and os.path.exists(record):
         with open(record) as f:
             done = json.load(f)
-        if done["command"] == cmd:
+        if done["identity"] == identity if "identity" in done else done["command"] == cmd:
             print(f"[{name}] reused the finished run in {out_dir}", flush=True)
             return done["result"]
     os.makedirs(out_dir, exist_ok=True)
@@ -66,8 +67,20 @@ def run_command(name: str, cmd: list[str], out_dir: str, reuse: bool = False, en
         result = json.load(f)
     result["wall_seconds"] = round(time.perf_counter() - start, 1)
     with open(record, "w") as f:
-        json.dump({"command": cmd, "result": result}, f, indent=1)
+        json.dump({"command": cmd, "identity": identity, "result": result}, f, indent=1)
     return result
+
+
+def run_identity(cmd: Sequence[str]) -> list:
+    """What makes two runs the same: the command with its --deepspeed_config path replaced by the
+    file's content. Benches write their configs to temporary directories, so the path alone never
+    matches a finished run (--reuse then ran everything again)."""
+    identity: list = list(cmd)
+    if "--deepspeed_config" in identity:
+        i = identity.index("--deepspeed_config") + 1
+        with open(identity[i]) as f:
+            identity[i] = json.load(f)
+    return identity
 
 
 def run_one(name: str, config: str, args: argparse.Namespace, launcher: Sequence[str] = (),
