@@ -78,8 +78,7 @@ def run_identity(cmd: Sequence[str]) -> list:
     identity: list = list(cmd)
     if "--deepspeed_config" in identity:
         i = identity.index("--deepspeed_config") + 1
-        with open(identity[i]) as f:
-            identity[i] = json.load(f)
+        identity[i] = load_config(identity[i])  # relative to the repository, as the run (cwd=ROOT) reads it
     return identity
 
 
