@@ -20,7 +20,7 @@ from .model_adapter import ModelAdapter
 from .repartition import OptimizerLayout
 from .statistics import BlockStats, GradientMoments, ProbeDrift, adam_moments, lr_at
 
-ALL_STATISTICS = frozenset({"grad", "adam", "drift"})
+ALL_STATISTICS = frozenset({"grad", "adam", "scale", "drift"})
 # Watch runs (log_statistics) keep this many past intervals' gradient sums and probe outputs, so
 # their logs replay exactly at up to this many times their interval (BlockStats.merge).
 LOGGED_HISTORY = 8
@@ -38,19 +38,22 @@ class FreezeController:
         self.decider: Decider = build_decider(config.decider, adapter.num_blocks, config.total_steps, warmup)
         self.measure = (self.decider.needs | ALL_STATISTICS) if config.log_statistics else self.decider.needs
         self.moments: Optional[GradientMoments] = None
+        self.scale_state: Optional[dict[str, Any]] = None  # the recent gradient scale between optimizers
         self.layout: Optional[OptimizerLayout] = None
         self.probe: Optional[ProbeDrift] = None
         self.history = LOGGED_HISTORY if config.log_statistics else 0
 
     def release(self) -> None:
-        """Let go of the optimizer (before it is rebuilt): the gradient sums view its partitions."""
+        """Let go of the optimizer (before it is rebuilt): the gradient sums view its partitions; the
+        recent gradient scale (a few floats) is kept for the next ``bind``."""
         if self.moments is not None:
+            self.scale_state = self.moments.scale_state()
             self.moments.close()
         self.moments = self.layout = None
 
     def bind(self, optimizer: Any) -> None:
         """(Re)attach to the optimizer, after it is built or rebuilt: the gradient sums start over,
-        laid out over the new partitions."""
+        laid out over the new partitions; the recent gradient scale carries on."""
         self.release()
         world = dist.get_world_size() if dist.is_initialized() else 1
         rank = dist.get_rank() if dist.is_initialized() else 0
@@ -60,14 +63,22 @@ class FreezeController:
             raise ConfigError(f"autofreeze.decider.estimator: 'adam' reads Adam's moments, and the optimizer "
                               f"({type(self.layout.inner).__name__}) keeps none: use an Adam-type optimizer, "
                               f"or \"estimator\": \"moments\"")
-        if "grad" in self.measure and self.decider.interval is not None:
-            self.moments = GradientMoments(self.layout, self._block_of(), self.adapter.num_blocks, self.history)
+        if self.measure & {"grad", "scale"} and self.decider.interval is not None:
+            # The scale decays as the noise in Adam's first moment does: b1 per step, squared.
+            betas = self.layout.inner.param_groups[0].get("betas")
+            decay = betas[0] ** 2 if "scale" in self.measure and betas else None
+            self.moments = GradientMoments(self.layout, self._block_of(), self.adapter.num_blocks, self.history,
+                                           sums="grad" in self.measure, scale_decay=decay)
+            if self.scale_state is not None:
+                self.moments.load_scale(self.scale_state)
 
     def set_probe(self, batch: dict[str, torch.Tensor]) -> None:
         """This rank's shard of the probe set for the drift statistic (same size on every rank)."""
         self.probe = ProbeDrift(self.adapter, batch, self.history)
 
     def decide(self, step: int, boundary: int) -> int:
+        if self.moments is not None:
+            self.moments.advance()
         deciding = self.decider.is_decision_step(step)
         reads = self.measure if deciding else self.decider.reads_between(step)
         stats = self.statistics(step, boundary, reads) if reads else None
@@ -89,6 +100,8 @@ class FreezeController:
         if "grad" in measure and self.moments is not None:
             stats.steps, stats.grad_l1, stats.grad_sum_sq, stats.grad_sq_sum, stats.grad_dots = \
                 self.moments.collect(measured)
+        if "scale" in measure and self.moments is not None:
+            stats.grad_sq_recent = self.moments.recent_scale(measured)
         if "adam" in measure:
             stats.adam_m2, stats.adam_v, stats.adam_beta1, stats.adam_step = \
                 adam_moments(self.layout, self._block_of(), n, measured)

@@ -21,7 +21,7 @@ from .statistics import ADAM_FIRST_ESTIMATE, BlockStats
 class Decider:
     """Base of all deciders. ``decide`` is called after every optimizer step."""
 
-    needs: frozenset[str] = frozenset()  # statistics read at decision steps: "grad", "adam", "drift"
+    needs: frozenset[str] = frozenset()  # statistics read at decision steps: "grad", "adam", "scale", "drift"
 
     def __init__(self, config: _DeciderBase, num_blocks: int, total_steps: Optional[int], warmup_steps: int = 0):
         self.config = config
@@ -198,7 +198,8 @@ class SNRDecider(IntervalDecider):
     snr_b = ||mu_b||^2 / tr C_b of the global-batch gradient (``estimator`` ``moments``: the unbiased
     estimates of ``BlockStats.signal`` / ``noise``; ``adam``: from Adam's bias-corrected moments,
     rho = sum m^2 / sum v ~ (snr + c_t) / (snr + 1), c_t the share of noise Adam's average keeps at
-    step t: ``BlockStats.adam_snr``). Summed over the rest of the run with its learning rates, the
+    step t: ``BlockStats.adam_snr``; ``adam_reference`` says whether the noise floor is read against
+    v or against the recent gradient scale). Summed over the rest of the run with its learning rates, the
     update the block would still receive has signal-to-noise ratio R x snr_b, R = (sum lr)^2 / sum
     lr^2 over the remaining steps (``future_steps``). The block is done when R x snr_b < z^2: what it
     could still learn would be drowned by noise.
@@ -223,7 +224,8 @@ class SNRDecider(IntervalDecider):
 
     def __init__(self, config: SNRConfig, num_blocks: int, total_steps: Optional[int], warmup_steps: int = 0):
         super().__init__(config, num_blocks, total_steps, warmup_steps)
-        self.needs = frozenset({"grad"} if config.estimator == "moments" else {"adam"})
+        self.needs = frozenset({"grad"} if config.estimator == "moments" else
+                               {"adam"} if config.adam_reference == "v" else {"adam", "scale"})
         self.armed_at: list[Optional[int]] = [None] * num_blocks  # the step each block armed at
         self.recent: list[list[float]] = [[] for _ in range(num_blocks)]  # last ``window`` estimates per block
 
@@ -256,7 +258,7 @@ class SNRDecider(IntervalDecider):
         if self.config.estimator == "moments":
             s, n = stats.signal(block), stats.noise(block)
             return s / n if s is not None and n is not None and n > 0 else None
-        return stats.adam_snr(block)
+        return stats.adam_snr(block, self.config.adam_reference)
 
     def qualify(self, step: int, boundary: int, stats: BlockStats, record: dict[str, Any]) -> Optional[list[bool]]:
         future = stats.future_steps()

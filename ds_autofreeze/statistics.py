@@ -10,6 +10,10 @@
   the step count.
 - Adam's moments (``adam_moments``): per block sum(m^2) and sum(v), bias-corrected, read from the
   optimizer state at a decision; no memory of its own.
+- The recent gradient scale (``GradientMoments`` with ``scale_decay``): per block the mean of
+  ||g_b(t)||^2 weighted as the noise in Adam's first moment is, b1^(2i) for the gradient i steps
+  back: the noise floor of sum(m^2) when the gradient scale changes, which sum(v) (b2 = 0.999: on a
+  fine-tuning run the whole run's average) is not. Two floats per block, added up in the same hook.
 - Output drift on a probe set (``ProbeDrift``): each block's output on fixed training examples
   (eval mode, sharded over the ranks), projected to a few dimensions, against the previous decision's.
 
@@ -64,6 +68,9 @@ class BlockStats:
     """Adam's beta1 (sets the first moment's averaging window)."""
     adam_step: Optional[int] = None
     """Adam's step count t (its bias correction: how many gradients the first moment averages)."""
+    grad_sq_recent: Optional[list[Optional[float]]] = None
+    """sum_i b1^(2i) ||g_b(t - i)||^2 / sum_i b1^(2i): the squared gradient norm over the steps Adam's
+    first moment averages, weighted as their noise is in it."""
     drift: Optional[list[Optional[float]]] = None
     """||H_b(t) - H_b(prev)|| / ||H_b(t)|| of the block's output on the probe set."""
     grad_dots: Optional[list[Optional[list[float]]]] = None
@@ -88,18 +95,24 @@ class BlockStats:
         a2, q, k = self.grad_sum_sq[block], self.grad_sq_sum[block], self.steps
         return None if a2 is None or q is None or k < 2 else (q - a2 / k) / (k - 1)
 
-    def adam_snr(self, block: int) -> Optional[float]:
+    def adam_snr(self, block: int, reference: str = "v") -> Optional[float]:
         """Per-step signal-to-noise ratio from Adam's moments: E[m^2] ~ ||mu||^2 + c_t tr C and
         E[v] ~ ||mu||^2 + tr C, so rho = sum m^2 / sum v gives snr = (rho - c_t) / (1 - rho). The
         bias-corrected m averages t gradients with weights proportional to b1^i, which keep
         c_t = c (1 + b1^t) / (1 - b1^t) of their noise, c = (1 - b1) / (1 + b1): 3.9 c at step 5,
         within 5% of c only after 35 steps, so the early reads a constant c would take for signal.
-        None at step 1, where m^2 and v are the same gradient's."""
-        if self.adam_m2 is None or self.adam_v is None or self.adam_m2[block] is None or not self.adam_v[block] \
+        None at step 1, where m^2 and v are the same gradient's.
+
+        E[v] ~ ||mu||^2 + tr C holds only while the gradient scale stays put: v averages the whole
+        run (b2 = 0.999), m^2's noise the last few steps, so a rising scale reads as signal and a
+        falling one below zero. ``reference`` "recent" divides by ``grad_sq_recent`` instead, the
+        squared gradient norm weighted as m^2's noise is, which has that expectation at any scale."""
+        den = self.adam_v if reference == "v" else self.grad_sq_recent
+        if self.adam_m2 is None or den is None or self.adam_m2[block] is None or not den[block] \
                 or self.adam_step is None or self.adam_step < ADAM_FIRST_ESTIMATE:
             return None
         b1, t = self.adam_beta1, self.adam_step
-        rho, c = self.adam_m2[block] / self.adam_v[block], (1 - b1) / (1 + b1) * (1 + b1 ** t) / (1 - b1 ** t)
+        rho, c = self.adam_m2[block] / den[block], (1 - b1) / (1 + b1) * (1 + b1 ** t) / (1 - b1 ** t)
         return (rho - c) / (1 - rho) if rho < 1 else math.inf
 
     def future_steps(self) -> Optional[float]:
@@ -121,9 +134,9 @@ class BlockStats:
         """Consecutive intervals as one, exactly: ||sum_i A_i||^2 from each part's ||A_i||^2 and its
         logged dot products with the earlier parts (``grad_dots``), Q and K add up, and the drift over
         the whole is the last part's drift since the first part's start (``drift_back``). The last
-        part's point-in-time fields (step, learning rates, Adam's moments) are kept; the L1 norm is
-        not composable and is dropped. Parts need a history as long as there are parts after the
-        first."""
+        part's point-in-time fields (step, learning rates, Adam's moments, the recent gradient scale)
+        are kept; the L1 norm is not composable and is dropped. Parts need a history as long as there
+        are parts after the first."""
         if len(parts) == 1:
             return parts[0]
         last, blocks, m = parts[-1], len(parts[-1].grad_sum_sq), len(parts)
@@ -145,7 +158,7 @@ class BlockStats:
             drift = [None if d is None or len(d) < m else d[m - 1] for d in last.drift_back]
         return cls(step=last.step, steps=sum(p.steps for p in parts), grad_l1=[None] * blocks, grad_sum_sq=a2,
                    grad_sq_sum=q, adam_m2=last.adam_m2, adam_v=last.adam_v, adam_beta1=last.adam_beta1,
-                   adam_step=last.adam_step,
+                   adam_step=last.adam_step, grad_sq_recent=last.grad_sq_recent,
                    drift=drift, lr=last.lr, future_lr_sum=last.future_lr_sum,
                    future_lr_sq_sum=last.future_lr_sq_sum)
 
@@ -159,30 +172,44 @@ def _round(value: Any) -> Any:
 
 
 class GradientMoments:
-    """A_b and Q_b per block over the optimizer steps since the last ``collect`` (module doc)."""
+    """What a step pre-hook of the inner optimizer reads from each gradient it consumes (module doc):
+    A_b and Q_b per block over the optimizer steps since the last ``collect`` (``sums``), and the
+    recent gradient scale, an average of ||g_b||^2 that decays by ``scale_decay`` per step."""
 
-    def __init__(self, layout: OptimizerLayout, block_of: dict[int, int], num_blocks: int, history: int = 0):
-        self.num_blocks, self.history = num_blocks, history
+    def __init__(self, layout: OptimizerLayout, block_of: dict[int, int], num_blocks: int, history: int = 0,
+                 sums: bool = True, scale_decay: Optional[float] = None):
+        self.num_blocks, self.history, self.scale_decay = num_blocks, history, scale_decay
         self._past: list[list[torch.Tensor]] = []  # the last ``history`` intervals' A_b, newest first
         frags = [f for f in layout.owned_fragments() if id(f.param) in block_of]
         device = frags[0].tensor.device if frags else torch.device("cpu")
         sizes = [0] * num_blocks
         for f in frags:
             sizes[block_of[id(f.param)]] += f.numel
-        self._sums = [torch.zeros(n, dtype=torch.float32, device=device) for n in sizes]  # A_b
+        # A_b: a float per owned block element, only where the sums are wanted.
+        self._sums = [torch.zeros(n if sums else 0, dtype=torch.float32, device=device) for n in sizes]
         self._sq = torch.zeros(num_blocks, dtype=torch.float64, device=device)  # Q_b
+        # The recent scale: this step's ||g_b||^2, their decayed sum and (the same on every rank)
+        # the decayed count of steps, whose ratio is the average.
+        self._step_sq = torch.zeros(num_blocks, dtype=torch.float64, device=device)
+        self._scale = torch.zeros(num_blocks, dtype=torch.float64, device=device)
+        self._scale_weight = 0.0
+        self._stepped = False
         self._measured = [n > 0 for n in sizes]
         # Per optimizer tensor: (block, fragment, this fragment's view of A_b).
-        self._segments: dict[int, list[tuple[int, Fragment, torch.Tensor]]] = {}
+        self._segments: dict[int, list[tuple[int, Fragment, Optional[torch.Tensor]]]] = {}
         used = [0] * num_blocks
         for f in frags:
             b = block_of[id(f.param)]
-            self._segments.setdefault(id(f.tensor), []).append((b, f, self._sums[b][used[b]:used[b] + f.numel]))
+            view = self._sums[b][used[b]:used[b] + f.numel] if sums else None
+            self._segments.setdefault(id(f.tensor), []).append((b, f, view))
             used[b] += f.numel
         self._steps: dict[int, int] = {}  # per optimizer tensor: steps seen (ZeRO steps one group at a time)
         self._handle = layout.inner.register_step_pre_hook(self._on_step)
 
     def _on_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        # Every rank's inner optimizer steps on every step DeepSpeed does not skip, whether or not
+        # its partition holds block elements: the scale's step count stays the same on all ranks.
+        self._stepped = True
         for group in optimizer.param_groups:
             for tensor in group["params"]:
                 segments = self._segments.get(id(tensor))
@@ -191,8 +218,44 @@ class GradientMoments:
                 self._steps[id(tensor)] = self._steps.get(id(tensor), 0) + 1
                 for b, frag, acc in segments:
                     g = frag.view(tensor.grad).float()
-                    acc.add_(g)
-                    self._sq[b] += torch.dot(g, g)
+                    if acc is not None:
+                        acc.add_(g)
+                    sq = torch.dot(g, g)
+                    self._sq[b] += sq
+                    self._step_sq[b] += sq
+
+    def advance(self) -> None:
+        """End of an optimizer step (called after every one): this step's squared norms join the
+        recent scale. A step DeepSpeed skipped (overflow) never reached the hook and adds nothing,
+        as it adds nothing to Adam's moments."""
+        if self._stepped and self.scale_decay is not None:
+            self._scale.mul_(self.scale_decay).add_(self._step_sq)
+            self._scale_weight = self.scale_decay * self._scale_weight + 1.0
+        self._step_sq.zero_()
+        self._stepped = False
+
+    def recent_scale(self, measured: Sequence[bool]) -> Optional[list[Optional[float]]]:
+        """Per block the recent gradient scale (``BlockStats.grad_sq_recent``), summed over ranks;
+        None before the first step or without ``scale_decay``."""
+        if self.scale_decay is None:
+            return None
+        local = self._scale.clone()
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(local)
+        if not self._scale_weight:
+            return None
+        return [v / self._scale_weight if measured[b] else None for b, v in enumerate(local.tolist())]
+
+    def scale_state(self) -> dict[str, Any]:
+        """The recent scale, to carry over to the hook of the optimizer that replaces this one: a sum
+        over ranks of fixed past values, so it stays exact whatever partition each rank then holds."""
+        return {"scale": self._scale.to("cpu", copy=True), "scale_weight": self._scale_weight,
+                "scale_decay": self.scale_decay}
+
+    def load_scale(self, state: dict[str, Any]) -> None:
+        if self.scale_decay is not None and state.get("scale_decay") == self.scale_decay:
+            self._scale.copy_(state["scale"])
+            self._scale_weight = float(state["scale_weight"])
 
     def collect(self, measured: Sequence[bool]) -> tuple[int, list, list, list, Optional[list]]:
         """(K, L1(A_b), ||A_b||^2, Q_b, dot products with the kept past A_b (or None)) summed over
@@ -236,15 +299,16 @@ class GradientMoments:
 
     def state_dict(self) -> dict[str, Any]:
         return {"sums": [s.to("cpu", copy=True) for s in self._sums], "sq": self._sq.to("cpu", copy=True),
-                "steps": dict(self._steps)}
+                "steps": dict(self._steps), **self.scale_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> bool:
-        """Restore this rank's partial sums; False (sums left at zero) if the saved layout differs."""
+        """Restore this rank's partial sums; False (sums and scale left at zero) if the saved layout differs."""
         if [s.numel() for s in state["sums"]] != [s.numel() for s in self._sums]:
             return False
         for acc, saved in zip(self._sums, state["sums"]):
             acc.copy_(saved)
         self._sq.copy_(state["sq"])
+        self.load_scale(state)  # saved by code from before the recent scale: it starts over
         steps = max(state["steps"].values(), default=0)
         self._steps = {key: steps for key in self._segments}
         return True
@@ -254,7 +318,7 @@ class GradientMoments:
 
     def nbytes(self) -> int:
         tensors = [*self._sums, *(t for past in self._past for t in past)]
-        return sum(t.numel() * t.element_size() for t in tensors) + self._sq.numel() * 8
+        return sum(t.numel() * t.element_size() for t in [*tensors, self._sq, self._step_sq, self._scale])
 
 
 def _sum64(t: torch.Tensor, op: Callable[[torch.Tensor], torch.Tensor] = lambda x: x) -> torch.Tensor:

@@ -247,14 +247,17 @@ def test_attach_gradnorm_freezes_with_gradient_accumulation():
 
 # snr on the gradient moments: its interval sums are saved mid-interval too. (This tiny model's
 # gradients alternate over the first steps, interval SNR below zero on both estimators, -0.18 at step
-# 4; the moments' estimate turns positive at step 12, Adam's not within 24 steps.)
-@pytest.mark.parametrize("stage,decider", [(1, {"name": "gradnorm", "interval_steps": 4}),
-                                           (1, {"name": "snr", "estimator": "moments", "interval_steps": 4,
-                                                "z": 100.0, "arm": 0.01}),
-                                           (0, {"name": "gradnorm", "interval_steps": 4})])
-def test_attach_checkpoint_resume_is_bit_identical(tmp_path, stage, decider):
+# 4; the moments' estimate turns positive at step 12, Adam's not within 24 steps, against v or the
+# recent scale.) Logging every statistic, the log holds the recent gradient scale: carried over the
+# freeze's optimizer rebuild, and saved and restored with the checkpoint.
+@pytest.mark.parametrize("stage,decider,log_statistics", [
+    (1, {"name": "gradnorm", "interval_steps": 4}, False),
+    (1, {"name": "snr", "estimator": "moments", "interval_steps": 4, "z": 100.0, "arm": 0.01}, False),
+    (0, {"name": "gradnorm", "interval_steps": 4}, False),
+    (2, {"name": "gradnorm", "interval_steps": 4}, True)])
+def test_attach_checkpoint_resume_is_bit_identical(tmp_path, stage, decider, log_statistics):
     # ZeRO-0 keeps the rescaled clipping threshold only in AutoFreeze's own state (ZeRO-1/2 also in theirs).
-    af_config = {"total_steps": 24, "decider": decider, "rescale_clipping": True}
+    af_config = {"total_steps": 24, "decider": decider, "rescale_clipping": True, "log_statistics": log_statistics}
     data = batches(24)
     engine, af, model = make_engine(stage, autofreeze=af_config)
     saved = {}
@@ -274,6 +277,8 @@ def test_attach_checkpoint_resume_is_bit_identical(tmp_path, stage, decider):
     torch.set_rng_state(saved["rng"])
     assert train(resumed, af2, data[14:], seed=None) == losses[14:]
     assert af2.freeze_events == af.freeze_events and af2.decider.log == af.decider.log
+    if log_statistics:
+        assert all(r["stats"]["grad_sq_recent"][-1] > 0 for r in af.decider.log)
     for name, p in model2.named_parameters():
         assert torch.equal(p, final[name]), name
 

@@ -318,12 +318,13 @@ def test_partitioned_statistics_equal_unpartitioned_ones(stage):
     for r in two:
         assert len(r["log"]) == len(one["log"]) == 2
         for got, want in zip(r["log"], one["log"]):
-            for key in ("grad_l1", "grad_sum_sq", "grad_sq_sum", "adam_m2", "adam_v"):
+            for key in ("grad_l1", "grad_sum_sq", "grad_sq_sum", "adam_m2", "adam_v", "grad_sq_recent"):
                 assert got["stats"][key] == pytest.approx(want["stats"][key], rel=1e-4), key
             assert got["stats"]["steps"] == 3
-        # ZeRO pads partitions to an alignment; Q and K are a few floats per block.
-        assert r["bytes"] <= 4 * r["trainable"] / 2 + 4 * 64 + 8 * 4
-    assert sum(r["bytes"] for r in two) == 4 * one["block_params"] + 2 * 8 * 4
+        # ZeRO pads partitions to an alignment; Q, this step's norms and the recent scale are three
+        # floats per block.
+        assert r["bytes"] <= 4 * r["trainable"] / 2 + 4 * 64 + 3 * 8 * 4
+    assert sum(r["bytes"] for r in two) == 4 * one["block_params"] + 2 * 3 * 8 * 4
     assert two[0]["log"] == two[1]["log"]
 
 
@@ -351,16 +352,19 @@ def test_a_dead_rank_makes_the_others_fail_fast():
     assert survivor["seconds"] < 60, survivor
 
 
-def synthetic_run(rank: int, world: int, decay: bool, estimator: str, decisions: int = 100, interval: int = 10) -> dict:
-    """The snr decider on gradients made up on purpose: the loss is sum_b <w_b, mu_b(t) + noise>, so
-    the global gradient of block b is mu_b(t) plus zero-mean noise (each rank its own). Without
+def synthetic_run(rank: int, world: int, decay: bool, estimator: str, reference: str = "v", rising: bool = False,
+                  decisions: int = 100, interval: int = 10) -> dict:
+    """The snr decider on gradients made up on purpose: the loss is sum_b <w_b, mu_b(t) + s(t) noise>,
+    so the global gradient of block b is mu_b(t) plus zero-mean noise (each rank its own). Without
     ``decay`` mu is zero: pure noise. With it mu_b(t) = exp(-t / tau_b) with tau growing with b: the
-    front blocks stop learning first."""
+    front blocks stop learning first. The noise scale s is 1, or with ``rising`` grows 4x over the
+    first tenth of the run, then falls to a tenth of that (as block 0's did on the watch runs)."""
     import deepspeed
     import ds_autofreeze
     total = decisions * interval
     af_config = {"total_steps": total, "log_freezes": False,
-                 "decider": {"name": "snr", "estimator": estimator, "interval_steps": interval, "min_trainable": 1}}
+                 "decider": {"name": "snr", "estimator": estimator, "adam_reference": reference,
+                             "interval_steps": interval, "min_trainable": 1}}
     config = ds_config(0, af_config, micro=1, accum=1, scheduler={
         "type": "WarmupDecayLR", "params": {"warmup_min_lr": 0, "warmup_max_lr": 1e-3, "warmup_num_steps": interval,
                                             "total_num_steps": total}})
@@ -370,24 +374,28 @@ def synthetic_run(rank: int, world: int, decay: bool, estimator: str, decisions:
     g = torch.Generator().manual_seed(1000 + rank)
     for t in range(total):
         loss = 0.0
+        rise = total // 10
+        scale = (1 + 3 * t / rise if t < rise else 0.4 + 3.6 * math.exp(-(t - rise) / rise)) if rising else 1.0
         for b, params in enumerate(blocks):
             if not params[0].requires_grad:
                 continue
             mean = math.exp(-t / (total * (b + 1) / 8)) if decay else 0.0
             for p in params:
-                loss = loss + (p * (mean + torch.randn(p.shape, generator=g))).sum()
+                loss = loss + (p * (mean + scale * torch.randn(p.shape, generator=g))).sum()
         engine.backward(loss)
         engine.step()
         af.after_step()
     return {"events": [(e["step"], e["frozen_blocks"]) for e in af.freeze_events], "decisions": len(af.decider.log)}
 
 
-@pytest.mark.parametrize("world,estimator", [(1, "moments"), (2, "moments"), (1, "adam"), (2, "adam")])
-def test_snr_decider_on_synthetic_gradients(world, estimator):
+@pytest.mark.parametrize("world,estimator,reference,rising", [
+    (1, "moments", "v", False), (2, "moments", "v", False), (1, "adam", "v", False), (2, "adam", "v", False),
+    (1, "adam", "recent", True), (2, "adam", "recent", True)])
+def test_snr_decider_on_synthetic_gradients(world, estimator, reference, rising):
     run = (lambda fn, *a: _in_process(fn, *a)) if world == 1 else (lambda fn, *a: run_ranks(fn, 2, *a))
-    noise = run(synthetic_run, False, estimator)
+    noise = run(synthetic_run, False, estimator, reference, rising)
     assert all(r["decisions"] == 100 and r["events"] == [] for r in noise)  # pure noise: nothing ever freezes
-    decaying = run(synthetic_run, True, estimator)
+    decaying = run(synthetic_run, True, estimator, reference, rising)
     for r in decaying:
         steps = [s for s, _ in r["events"]]
         assert r["events"] and r["events"][-1][1] >= 2 and steps == sorted(steps)

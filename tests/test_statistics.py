@@ -8,6 +8,7 @@ import ds_autofreeze
 from ds_autofreeze.model_adapter import ModelAdapter
 from ds_autofreeze.repartition import OptimizerLayout
 from ds_autofreeze.statistics import BlockStats, GradientMoments, adam_moments
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from conftest import batches, ds_config, tiny_bert
 
@@ -52,6 +53,37 @@ def test_statistics_gradient_moments_equal_direct_computation(stage):
             assert record.grad_l1[b] == pytest.approx(total.abs().sum().item(), rel=1e-4)
             assert record.grad_sum_sq[b] == pytest.approx(total.dot(total).item(), rel=1e-4)
             assert record.grad_sq_sum[b] == pytest.approx(sum(step[b].dot(step[b]).item() for step in window), rel=1e-4)
+            # The recent scale: every step so far, weighted b1^(2i) for the one i steps back.
+            weights = [0.81 ** (record.step - 1 - i) for i in range(record.step)]
+            recent = sum(w * step[b].dot(step[b]).item() for w, step in zip(weights, grads)) / sum(weights)
+            assert record.grad_sq_recent[b] == pytest.approx(recent, rel=1e-4)
+
+
+def test_statistics_recent_scale_carries_over_a_freeze():
+    """A freeze rebuilds the optimizer and its hook; the recent gradient scale of the blocks that stay
+    still covers every step since the start, as a direct computation from the gradients each step
+    consumed (read by a global optimizer hook, which survives the rebuild)."""
+    af = {"total_steps": 8, "log_statistics": True,
+          "decider": {"name": "snr", "interval_steps": 4, "min_trainable": 1, "z": 1e-9}}  # never done
+    engine, *_, autofreeze = ds_autofreeze.initialize(model=tiny_bert(dropout=0.0), config=ds_config(0, af))
+    norms = []
+    hook = register_optimizer_step_pre_hook(lambda *_: norms.append(
+        [sum(p.grad.double().pow(2).sum().item() for p in autofreeze.adapter.block_parameters(b)) for b in range(2, 4)]))
+    try:
+        for step, batch in enumerate(batches(8), 1):
+            engine.backward(engine(**batch).loss)
+            engine.step()
+            autofreeze.after_step()
+            if step == 2:
+                autofreeze.freeze(2)
+    finally:
+        hook.remove()
+    last = BlockStats.from_json(autofreeze.decider.log[-1]["stats"])
+    assert last.step == 8 and len(norms) == 8
+    weights = [0.81 ** (7 - i) for i in range(8)]
+    for j, b in enumerate((2, 3)):
+        assert last.grad_sq_recent[b] == pytest.approx(sum(w * n[j] for w, n in zip(weights, norms)) / sum(weights),
+                                                       rel=1e-5)
 
 
 def test_statistics_merged_intervals_equal_one_longer_interval():
@@ -100,13 +132,18 @@ def test_statistics_memory_is_one_float_per_trainable_block_parameter():
     af = {"total_steps": 8, "decider": {"name": "snr", "interval_steps": 2}}  # the adam estimator: Adam's own state
     *_, autofreeze = ds_autofreeze.initialize(model=tiny_bert(), config=ds_config(0, af))
     assert autofreeze.controller.moments is None
+    # Against the recent scale: three floats per block (Q, this step's norms, the scale), none per element.
+    af["decider"]["adam_reference"] = "recent"
+    *_, autofreeze = ds_autofreeze.initialize(model=tiny_bert(), config=ds_config(0, af))
+    assert autofreeze.controller.moments.nbytes() == 3 * 8 * 4
     af["decider"]["estimator"] = "moments"
+    del af["decider"]["adam_reference"]
     engine, *_, autofreeze = ds_autofreeze.initialize(model=tiny_bert(), config=ds_config(0, af))
     block_params = sum(p.numel() for b in range(4) for p in autofreeze.adapter.block_parameters(b))
-    assert autofreeze.controller.moments.nbytes() == 4 * block_params + 8 * 4
+    assert autofreeze.controller.moments.nbytes() == 4 * block_params + 3 * 8 * 4
     autofreeze.freeze(2)
     block_params = sum(p.numel() for b in range(2, 4) for p in autofreeze.adapter.block_parameters(b))
-    assert autofreeze.controller.moments.nbytes() == 4 * block_params + 8 * 4
+    assert autofreeze.controller.moments.nbytes() == 4 * block_params + 3 * 8 * 4
 
 
 def test_statistics_decision_reductions_copy_no_block():
@@ -156,6 +193,30 @@ def test_adam_snr_is_unbiased_from_the_second_step(snr):
             assert stats.adam_snr(0) is None
         else:
             assert stats.adam_snr(0) == pytest.approx(snr, abs=0.02), t
+
+
+def test_adam_snr_against_the_recent_scale_reads_pure_noise_as_noise_at_any_scale():
+    """Pure noise whose scale rises 3x over 20 steps, then decays to a tenth (the shape of block 0's
+    on the watch runs, where the recent mean of ||g||^2 reached 3-5x v's). Against v, the rise reads
+    as signal and the decay below zero; against the recent scale, the ratio reads zero throughout."""
+    d = 200_000
+    g = torch.Generator().manual_seed(0)
+    p = torch.nn.Parameter(torch.zeros(d))
+    opt = torch.optim.AdamW([p], lr=1e-3)
+    moments = GradientMoments(OptimizerLayout(opt), {id(p): 0}, 1, sums=False, scale_decay=0.9 ** 2)
+    against_v, recent = {}, {}
+    for t in range(1, 121):
+        scale = 1 + 2 * t / 20 if t <= 20 else 0.3 + 2.7 * math.exp(-(t - 20) / 30)
+        p.grad = scale * torch.randn(d, generator=g)
+        opt.step()
+        moments.advance()
+        m2, v, beta1, step = adam_moments(OptimizerLayout(opt), {id(p): 0}, 1, [True])
+        stats = BlockStats(step=t, steps=1, adam_m2=m2, adam_v=v, adam_beta1=beta1, adam_step=step,
+                           grad_sq_recent=moments.recent_scale([True]))
+        if t >= 2:
+            against_v[t], recent[t] = stats.adam_snr(0), stats.adam_snr(0, "recent")
+    assert max(against_v.values()) > 0.03 and min(against_v.values()) < -0.04  # the bias the reference removes
+    assert all(abs(s) < 0.01 for s in recent.values()), recent
 
 
 def test_warmup_reads_of_adam_leave_the_interval_sums_whole(monkeypatch):
