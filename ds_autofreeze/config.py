@@ -82,12 +82,14 @@ class SNRConfig(_IntervalDeciderBase):
     gradient and summed squared gradient norms, ``adam`` from Adam's first and second moments."""
     adam_reference: Literal["v", "recent"] = "v"
     """What the ``adam`` estimator divides sum(m^2) by. ``v``: Adam's second moment, which on a
-    fine-tuning run averages the whole run (b2 = 0.999): while the gradient scale rises (3-5x over
-    the first 10% of the watch runs, block 0) noise reads as signal, while it falls the reads go
-    below zero (-0.02 to -0.05 on late blocks of IMDb and MPNet, where the per-step SNR is >= 0).
-    ``recent``: the squared gradient norm weighted as the noise in m is (b1^(2i) for the gradient i
-    steps back), read by a step hook: a pass over the gradients per step, 24 bytes per block;
-    unbiased at any scale (docs/deciders.md, "Adam's v remembers the whole run")."""
+    fine-tuning run averages the whole run (b2 = 0.999): while the gradient scale rises (block 0 of
+    the watch runs: the recent scale 2-2.5x v's around the end of the warmup) noise reads as signal,
+    while it falls the reads go below zero (second-half means down to -0.03 on IMDb's last block,
+    -0.04 on MPNet's, where the per-step SNR is >= 0). ``recent``: the squared gradient norm
+    weighted as the noise in m is (b1^(2i) for the gradient i steps back), read by a step hook: a
+    pass over the gradients per step, 24 bytes per block; unbiased at any scale. Measured on the
+    three tasks it is not the safer choice, so the default stays ``v`` (docs/deciders.md, "Adam's v
+    remembers the whole run")."""
     z: float = Field(1.0, gt=0.0)
     """A block is done when the signal-to-noise ratio of everything the rest of the run could still
     add to it (per-step SNR x effective remaining steps) is below z^2."""
