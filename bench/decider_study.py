@@ -4,14 +4,15 @@
     python bench/decider_study.py resume --seeds 42      # from the watch checkpoints: k blocks frozen at t, to the end
     python bench/decider_study.py replay                 # every decider setting on the logged statistics, scored
     python bench/decider_study.py confirm --name shipped # the shipped decider online, every task and seed
+    python bench/decider_study.py scale                  # the gradient scale against Adam's v, per watch run
 
 Tasks (the settings of bench/compare.py and bench/tasks.py, MiniLM-L6): ``imdb`` (4,000 / 5,000, 3 epochs,
 375 steps), ``qa`` (SQuAD 2.0-style, 174 steps) and ``mc`` (SWAG-style, 62 steps).
 
 - watch: ``launch/finetune.py`` with the ``snr`` decider told never to freeze (``min_trainable`` = all
   blocks) and ``log_statistics`` on: full fine-tuning, with every statistic (gradient moments, Adam's
-  moments, probe drift) logged at a fine interval, and checkpoints at 20/40/60/80% of the run. Three
-  seeds give the seed spread of full fine-tuning.
+  moments, the recent gradient scale, probe drift) logged at a fine interval, and checkpoints at
+  20/40/60/80% of the run. Three seeds give the seed spread of full fine-tuning.
 - resume: from those checkpoints, the run continues with the first k blocks frozen from that step on
   (a ``schedule`` decider, the cache on) and trains to the end: the real accuracy cost of freezing k
   blocks at t, paired with the watch run of the same seed (same data order and dropout before t).
@@ -22,6 +23,9 @@ Tasks (the settings of bench/compare.py and bench/tasks.py, MiniLM-L6): ``imdb``
   interval, so it is exact up to a setting's first freeze only where that multiple is the setting's
   own interval (later, real statistics would differ: frozen blocks change what the trainable ones
   see); otherwise it samples the same run at other steps (docs/deciders.md).
+- scale: per watch run, each block's recent gradient scale against Adam's v over the run, and the
+  adam estimator's per-step SNR against each (what ``adam_reference`` changes; prints, writes
+  scale.json). Watch runs from before the recent scale was logged are skipped.
 - confirm: a config run online on every task and seed, beside the watch runs' accuracy.
 
 Runs (with checkpoints) go under bench/results/decider_study/runs/ (not committed); the summaries
@@ -49,6 +53,7 @@ from ds_autofreeze.deciders import build_decider  # noqa: E402
 from ds_autofreeze.statistics import BlockStats  # noqa: E402
 
 OUT = os.path.join(ROOT, "bench", "results", "decider_study")
+RESUME_DIR = OUT  # where replay finds the resume runs (and the watch runs they continued)
 SEEDS = [42, 43, 44]
 # name: (launch arguments, data sizes (train, eval, epochs), watch interval in steps, headline metric)
 TASKS: dict[str, dict[str, Any]] = {
@@ -280,12 +285,13 @@ def _without(stats: BlockStats, boundary: int) -> BlockStats:
 
 def resume_grid(task: str, seed: int = 42) -> dict[tuple[int, float], float]:
     """(k, fraction) -> the headline score lost (points) by freezing k blocks at that fraction of the
-    run, against the watch run of the same seed (same data order and dropout up to there)."""
+    run, against the watch run of the same seed (same data order and dropout up to there), both from
+    RESUME_DIR."""
     metric = TASKS[task]["metric"]
-    path = os.path.join(OUT, f"{task}-seed{seed}-resume.json")
+    path = os.path.join(RESUME_DIR, f"{task}-seed{seed}-resume.json")
     if not os.path.isfile(path):
         return {}
-    with open(os.path.join(OUT, f"{task}-seed{seed}-watch.json")) as f:
+    with open(os.path.join(RESUME_DIR, f"{task}-seed{seed}-watch.json")) as f:
         watch = json.load(f)
     with open(path) as f:
         resumes = json.load(f)
@@ -317,7 +323,47 @@ GRID: list[dict[str, Any]] = [
       for n in (10, 20)),
     *({"name": "snr", "estimator": "adam", "z": z, "min_trainable": m} for z in (0.5, 0.7, 1.0, 2.0) for m in (2, 3, 4)),
     *({"name": "drift", "tolerance": t, "min_trainable": 2} for t in (0.01, 0.02, 0.05)),
+    # Adam's ratio against the recent gradient scale, not v (``scale`` below), at the shipped share.
+    *({"name": "snr", "estimator": "adam", "adam_reference": "recent", "z": z, "arm": a, "min_trainable": 0.67}
+      for z in (0.5, 1.0, 2.0) for a in (0.25, 0.5, 1.0)),
 ]
+SCALE_FRACTIONS = [0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0]
+
+
+def scale_table(tasks: list[str]) -> dict[str, Any]:
+    """Per watch run and block, the recent gradient scale over Adam's v (both estimate E||g||^2; v over
+    the whole run) at the decision nearest each of SCALE_FRACTIONS, and the adam estimator's per-step SNR
+    against each, averaged over the run's second half: what ``adam_reference`` changes."""
+    rows: dict[str, Any] = {}
+    for task, seed in itertools.product(tasks, SEEDS):
+        path = os.path.join(OUT, f"{task}-seed{seed}-watch.json")
+        if not os.path.isfile(path):
+            continue
+        with open(path) as f:
+            run = json.load(f)
+        records = [BlockStats.from_json(d["stats"]) for d in run["decisions"]]
+        if records[-1].grad_sq_recent is None:
+            print(f"[{task} seed {seed}] logged before the recent scale was: skipped")
+            continue
+        total, blocks = run["train_steps"], run["num_blocks"]
+        at = [min(records, key=lambda r: abs(r.step - f * total)) for f in SCALE_FRACTIONS]
+        late = [r for r in records if r.step > total / 2]
+
+        def mean(values: list[Optional[float]]) -> Optional[float]:
+            values = [v for v in values if v is not None]
+            return round(sum(values) / len(values), 4) if values else None
+
+        rows[f"{task}/{seed}"] = {
+            "steps": [r.step for r in at],
+            "ratio": [[round(r.grad_sq_recent[b] / r.adam_v[b], 2) for r in at] for b in range(blocks)],
+            "late_snr_v": [mean([r.adam_snr(b) for r in late]) for b in range(blocks)],
+            "late_snr_recent": [mean([r.adam_snr(b, "recent") for r in late]) for b in range(blocks)]}
+    for name, row in rows.items():
+        print(f"{name}: recent scale / v at steps {row['steps']}")
+        for b, ratios in enumerate(row["ratio"]):
+            print(f"  block {b}: " + " ".join(f"{x:5.2f}" for x in ratios)
+                  + f"   second-half snr: against v {row['late_snr_v'][b]:+.4f}, recent {row['late_snr_recent'][b]:+.4f}")
+    return rows
 
 
 def _label(config: dict[str, Any]) -> str:
@@ -365,7 +411,7 @@ def print_replay(rows: dict[str, Any]) -> None:
 
 
 def main() -> None:
-    global OUT
+    global OUT, RESUME_DIR
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     for name in ("watch", "resume"):
@@ -383,11 +429,17 @@ def main() -> None:
                    help="the decider section as JSON (default: the one in configs/autofreeze_cache.json)")
     s.add_argument("--section", type=json.loads, default=None,
                    help='other keys of the "autofreeze" section as JSON, e.g. \'{"rescale_clipping": false}\'')
-    s = sub.add_parser("replay")
-    s.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    for name in ("replay", "scale"):
+        s = sub.add_parser(name)
+        s.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+        if name == "replay":
+            s.add_argument("--resume_dir", default=None,
+                           help="the resume runs that score the replays (default: --out), e.g. watch runs made "
+                                "again into another --out, scored by the first study's resumes")
     p.add_argument("--out", default=OUT, help="where runs and summaries go (default: bench/results/decider_study)")
     args = p.parse_args()
     OUT = os.path.abspath(args.out)
+    RESUME_DIR = os.path.abspath(getattr(args, "resume_dir", None) or OUT)
     os.makedirs(OUT, exist_ok=True)
     if args.command == "watch":
         watch(args.tasks, args.seeds)
@@ -401,6 +453,9 @@ def main() -> None:
         print_replay(rows)
         with open(os.path.join(OUT, "replay.json"), "w") as f:
             json.dump(rows, f, indent=1)
+    elif args.command == "scale":
+        with open(os.path.join(OUT, "scale.json"), "w") as f:
+            json.dump(scale_table(args.tasks), f, indent=1)
 
 
 if __name__ == "__main__":
