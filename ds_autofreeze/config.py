@@ -106,6 +106,12 @@ class SNRConfig(_IntervalDeciderBase):
     patience: int = Field(1, ge=1)
     """Consecutive decisions a block must be done at before it freezes."""
 
+    @model_validator(mode="after")
+    def _reference_needs_adam(self) -> "SNRConfig":
+        if self.estimator != "adam" and self.adam_reference != "v":
+            raise ValueError("adam_reference sets what Adam's ratio is read against: it needs estimator 'adam'")
+        return self
+
 
 class DriftConfig(_IntervalDeciderBase):
     """Freeze the prefix of blocks whose output on a fixed probe set would change less than

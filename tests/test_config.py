@@ -74,6 +74,14 @@ def test_config_schedule_must_only_grow():
     assert isinstance(ok.decider, ScheduleConfig)
 
 
+def test_config_adam_reference_needs_the_adam_estimator():
+    with pytest.raises(ConfigError, match=r"autofreeze\.decider\.snr: .*adam_reference .* needs estimator 'adam'"):
+        get_autofreeze_config({"autofreeze": {"decider": {"name": "snr", "estimator": "moments",
+                                                          "adam_reference": "recent"}}})
+    ok = get_autofreeze_config({"autofreeze": {"decider": {"name": "snr", "adam_reference": "recent"}}})
+    assert ok.decider.adam_reference == "recent"
+
+
 def test_config_round_trips_through_json():
     af = get_autofreeze_config({"autofreeze": {"total_steps": 100, "decider": {"name": "gradnorm", "num_intervals": 20}}})
     again = AutoFreezeConfig.model_validate(json.loads(json.dumps(af.model_dump(mode="json"))))
