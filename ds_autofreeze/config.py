@@ -83,7 +83,7 @@ class SNRConfig(_IntervalDeciderBase):
     adam_reference: Literal["v", "recent"] = "v"
     """What the ``adam`` estimator divides sum(m^2) by. ``v``: Adam's second moment, which on a
     fine-tuning run averages the whole run (b2 = 0.999): while the gradient scale rises (block 0 of
-    the watch runs: the recent scale 2-2.5x v's around the end of the warmup) noise reads as signal,
+    the watch runs: the recent scale 1.8-2.5x v's early in the run) noise reads as signal,
     while it falls the reads go below zero (second-half means down to -0.03 on IMDb's last block,
     -0.04 on MPNet's, where the per-step SNR is >= 0). ``recent``: the squared gradient norm
     weighted as the noise in m is (b1^(2i) for the gradient i steps back), read by a step hook: a
