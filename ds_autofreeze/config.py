@@ -87,7 +87,7 @@ class SNRConfig(_IntervalDeciderBase):
     while it falls the reads go below zero (second-half means down to -0.03 on IMDb's last block,
     -0.04 on MPNet's, where the per-step SNR is >= 0). ``recent``: the squared gradient norm
     weighted as the noise in m is (b1^(2i) for the gradient i steps back), read by a step hook: a
-    pass over the gradients per step, 24 bytes per block; unbiased at any scale. Measured on the
+    pass over the gradients per step, 16 bytes per block; unbiased at any scale. Measured on the
     three tasks it is not the safer choice, so the default stays ``v`` (docs/deciders.md, "Adam's v
     remembers the whole run")."""
     z: float = Field(1.0, gt=0.0)
@@ -249,8 +249,8 @@ class AutoFreezeConfig(_ConfigModel):
     No effect without clipping, or before the optimizer's first step (nothing measured yet)."""
     log_statistics: bool = False
     """Measure every per-block statistic (gradient moments, Adam's moments, the recent gradient
-    scale, probe drift) at each decision of an interval decider and log them with it, whatever the decider reads (watch runs
-    for bench/decider_study.py). Also keeps the last 8 intervals' gradient sums (8 x 4 bytes per
+    scale, probe drift) at each decision of an interval decider and log them with it, whatever the
+    decider reads (watch runs for bench/decider_study.py). Also keeps the last 8 intervals' gradient sums (8 x 4 bytes per
     trainable parameter / world size) and probe outputs, so the log replays exactly at up to 8
     times the interval."""
     probe_examples: int = Field(64, ge=1)

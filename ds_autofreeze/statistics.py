@@ -13,7 +13,7 @@
 - The recent gradient scale (``GradientMoments`` with ``scale_decay``): per block the mean of
   ||g_b(t)||^2 weighted as the noise in Adam's first moment is, b1^(2i) for the gradient i steps
   back: the noise floor of sum(m^2) when the gradient scale changes, which sum(v) (b2 = 0.999: on a
-  fine-tuning run the whole run's average) is not. Two floats per block, added up in the same hook.
+  fine-tuning run the whole run's average) is not. A float per block, added up in the same hook.
 - Output drift on a probe set (``ProbeDrift``): each block's output on fixed training examples
   (eval mode, sharded over the ranks), projected to a few dimensions, against the previous decision's.
 
@@ -188,9 +188,8 @@ class GradientMoments:
         # A_b: a float per owned block element, only where the sums are wanted.
         self._sums = [torch.zeros(n if sums else 0, dtype=torch.float32, device=device) for n in sizes]
         self._sq = torch.zeros(num_blocks, dtype=torch.float64, device=device)  # Q_b
-        # The recent scale: this step's ||g_b||^2, their decayed sum and (the same on every rank)
-        # the decayed count of steps, whose ratio is the average.
-        self._step_sq = torch.zeros(num_blocks, dtype=torch.float64, device=device)
+        # The recent scale: the decayed sum of ||g_b||^2 and (the same on every rank) the decayed
+        # count of steps, whose ratio is the average.
         self._scale = torch.zeros(num_blocks, dtype=torch.float64, device=device)
         self._scale_weight = 0.0
         self._stepped = False
@@ -209,6 +208,10 @@ class GradientMoments:
     def _on_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         # Every rank's inner optimizer steps on every step DeepSpeed does not skip, whether or not
         # its partition holds block elements: the scale's step count stays the same on all ranks.
+        # ZeRO may step one parameter group at a time: the scale decays at the step's first call.
+        if not self._stepped and self.scale_decay is not None:
+            self._scale.mul_(self.scale_decay)
+            self._scale_weight = self.scale_decay * self._scale_weight + 1.0
         self._stepped = True
         for group in optimizer.param_groups:
             for tensor in group["params"]:
@@ -222,16 +225,12 @@ class GradientMoments:
                         acc.add_(g)
                     sq = torch.dot(g, g)
                     self._sq[b] += sq
-                    self._step_sq[b] += sq
+                    self._scale[b] += sq
 
     def advance(self) -> None:
-        """End of an optimizer step (called after every one): this step's squared norms join the
-        recent scale. A step DeepSpeed skipped (overflow) never reached the hook and adds nothing,
-        as it adds nothing to Adam's moments."""
-        if self._stepped and self.scale_decay is not None:
-            self._scale.mul_(self.scale_decay).add_(self._step_sq)
-            self._scale_weight = self.scale_decay * self._scale_weight + 1.0
-        self._step_sq.zero_()
+        """End of an optimizer step (called after every one): the next hook call starts a new step of
+        the recent scale. A step DeepSpeed skipped (overflow) never reached the hook and neither
+        decays nor adds to it, as it does nothing to Adam's moments."""
         self._stepped = False
 
     def recent_scale(self, measured: Sequence[bool]) -> Optional[list[Optional[float]]]:
@@ -318,7 +317,7 @@ class GradientMoments:
 
     def nbytes(self) -> int:
         tensors = [*self._sums, *(t for past in self._past for t in past)]
-        return sum(t.numel() * t.element_size() for t in [*tensors, self._sq, self._step_sq, self._scale])
+        return sum(t.numel() * t.element_size() for t in [*tensors, self._sq, self._scale])
 
 
 def _sum64(t: torch.Tensor, op: Callable[[torch.Tensor], torch.Tensor] = lambda x: x) -> torch.Tensor:

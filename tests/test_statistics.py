@@ -132,18 +132,18 @@ def test_statistics_memory_is_one_float_per_trainable_block_parameter():
     af = {"total_steps": 8, "decider": {"name": "snr", "interval_steps": 2}}  # the adam estimator: Adam's own state
     *_, autofreeze = ds_autofreeze.initialize(model=tiny_bert(), config=ds_config(0, af))
     assert autofreeze.controller.moments is None
-    # Against the recent scale: three floats per block (Q, this step's norms, the scale), none per element.
+    # Against the recent scale: two floats per block (Q and the scale), none per element.
     af["decider"]["adam_reference"] = "recent"
     *_, autofreeze = ds_autofreeze.initialize(model=tiny_bert(), config=ds_config(0, af))
-    assert autofreeze.controller.moments.nbytes() == 3 * 8 * 4
+    assert autofreeze.controller.moments.nbytes() == 2 * 8 * 4
     af["decider"]["estimator"] = "moments"
     del af["decider"]["adam_reference"]
     engine, *_, autofreeze = ds_autofreeze.initialize(model=tiny_bert(), config=ds_config(0, af))
     block_params = sum(p.numel() for b in range(4) for p in autofreeze.adapter.block_parameters(b))
-    assert autofreeze.controller.moments.nbytes() == 4 * block_params + 3 * 8 * 4
+    assert autofreeze.controller.moments.nbytes() == 4 * block_params + 2 * 8 * 4
     autofreeze.freeze(2)
     block_params = sum(p.numel() for b in range(2, 4) for p in autofreeze.adapter.block_parameters(b))
-    assert autofreeze.controller.moments.nbytes() == 4 * block_params + 3 * 8 * 4
+    assert autofreeze.controller.moments.nbytes() == 4 * block_params + 2 * 8 * 4
 
 
 def test_statistics_decision_reductions_copy_no_block():
