@@ -32,6 +32,7 @@ master that is a copy of an fp32 parameter is not carried: the rebuild remakes i
 from __future__ import annotations
 
 import gc
+import inspect
 import os
 import time
 from contextlib import contextmanager
@@ -426,7 +427,11 @@ class Repartitioner:
         if client is None:
             return None
         if isinstance(client, torch.optim.Optimizer):
-            return type(client)(groups, **client.defaults)
+            # Only what __init__ takes: some defaults are set by the class itself (torch's AdamW adds
+            # decoupled_weight_decay, which its __init__ refuses); the groups carry every value anyway.
+            takes = inspect.signature(type(client).__init__).parameters
+            open_ended = any(p.kind is p.VAR_KEYWORD for p in takes.values())
+            return type(client)(groups, **{k: v for k, v in client.defaults.items() if open_ended or k in takes})
         return client(groups)
 
     def training_state_bytes(self) -> dict[str, int]:

@@ -297,20 +297,26 @@ def test_attach_says_why_nothing_froze():
     af.close()
 
 
-def test_attach_client_optimizer_is_rebuilt_over_the_trainable_parameters():
+@pytest.mark.parametrize("kind, options, state_key", [
+    (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9}, "momentum_buffer"),
+    # The Trainer's own optimizer when the DeepSpeed JSON has no "optimizer" section; its defaults
+    # hold a key (decoupled_weight_decay) that its __init__ does not take.
+    (torch.optim.AdamW, {"lr": 1e-3, "weight_decay": 0.05}, "exp_avg_sq"),
+])
+def test_attach_client_optimizer_is_rebuilt_over_the_trainable_parameters(kind, options, state_key):
     model = tiny_bert()
     config = ds_config(0, SCHEDULE)
     del config["optimizer"]
-    client = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    client = kind(model.parameters(), **options)
     engine, *_ = deepspeed.initialize(model=model, optimizer=client, config=config)
     af = ds_autofreeze.attach(engine, SCHEDULE)
     train(engine, af, batches(8))
     assert af.num_frozen_blocks == 1
-    assert isinstance(engine.optimizer, torch.optim.SGD) and engine.optimizer is not client
+    assert type(engine.optimizer) is kind and engine.optimizer is not client
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     held = {id(p) for g in engine.optimizer.param_groups for p in g["params"]}
-    assert held == trainable and engine.optimizer.defaults["momentum"] == 0.9
-    assert all("momentum_buffer" in engine.optimizer.state[p] for p in model.classifier.parameters())
+    assert held == trainable and engine.optimizer.defaults == client.defaults
+    assert all(state_key in engine.optimizer.state[p] for p in model.classifier.parameters())
 
 
 def test_attach_refuses_adam_statistics_without_adam():
