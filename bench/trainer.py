@@ -5,6 +5,7 @@
     python bench/trainer.py --seeds 42 43 44 # the accuracy spread over seeds, both paths
     python bench/trainer.py --max_train_samples 320 --max_eval_samples 200 --num_train_epochs 1   # a quick look
     python bench/trainer.py --reuse          # go on after a stop: runs that finished are read back
+    python bench/trainer.py --reuse --twin   # + both paths on the same training (bench/trainer_twin.py)
 
 Both run AutoFreeze (the shipped `snr` rule) with the activation cache: configs/autofreeze_cache.json, and its
 Trainer twin configs/trainer_autofreeze_cache.json (the same values, "auto" where the Trainer sets
@@ -15,7 +16,10 @@ Three questions, answered in the summary:
 - Same freeze steps? Not expected to be exact: the paths differ in data order (the Trainer's
   sampler against the launcher's per-rank shards), in the dropout stream, and the Trainer hands
   DeepSpeed's optimizer one parameter group (weight decay on biases and norms too); how early the
-  rule freezes depends on the dropout stream (README).
+  rule freezes depends on the dropout stream (README). With ``--twin`` (first seed) the question is
+  asked on the same training: the launcher with fixed-length padding against bench/trainer_twin.py,
+  the Trainer taking the launcher's side of those three choices; the summary gives their freeze
+  steps and the largest relative difference of any statistic logged at any decision.
 - Accuracy within the seed spread? Per seed, |trainer - launcher| against the spread (max - min)
   of the launcher's accuracies over --seeds; with one seed, against --seed_spread.
 - Trainer overhead <= 5%? The ratio of training times (evaluation and checkpoints excluded on
@@ -47,16 +51,17 @@ def total_steps(args: argparse.Namespace) -> int:
     return args.max_train_samples // BATCH * args.num_train_epochs
 
 
-def run_trainer(name: str, config: str, args: argparse.Namespace, seed: int) -> dict:
-    """One launch/trainer.py run; its all_results.json plus wall time."""
+def run_trainer(name: str, config: str, args: argparse.Namespace, seed: int, script: str = "launch/trainer.py",
+                extra: tuple[str, ...] = ()) -> dict:
+    """One run of launch/trainer.py (or of ``script`` taking its arguments); its all_results.json plus wall time."""
     out_dir = os.path.join(args.out, name)
     # launch/finetune.py's warmup: a fraction of the run, rounded (the Trainer would round up).
     warmup = max(1, round(WARMUP * total_steps(args)))
-    cmd = [sys.executable, os.path.join(ROOT, "launch", "trainer.py"), "--deepspeed_config", os.path.join(ROOT, config),
+    cmd = [sys.executable, os.path.join(ROOT, script), "--deepspeed_config", os.path.join(ROOT, config),
            "--output_dir", out_dir, "--max_train_samples", str(args.max_train_samples),
            "--max_eval_samples", str(args.max_eval_samples), "--max_seq_length", str(args.max_seq_length),
            "--num_train_epochs", str(args.num_train_epochs), "--per_device_train_batch_size", str(BATCH),
-           "--warmup_steps", str(warmup), "--seed", str(seed), "--save_strategy", "no", "--no_progress"]
+           "--warmup_steps", str(warmup), "--seed", str(seed), "--save_strategy", "no", "--no_progress", *extra]
     result = run_command(name, cmd, out_dir, args.reuse,
                          env={**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")})
     print(f"[{name}] accuracy {result['eval_accuracy']:.4f}, train {result['train_runtime']:.1f}s, "
@@ -74,6 +79,28 @@ def with_schedule(path: str, events: list[dict], steps: int, directory: str, nam
     else:
         config["autofreeze"]["enabled"] = False
     return write_config(config, directory, name)
+
+
+def twin_config(directory: str) -> str:
+    """The Trainer's JSON without its "optimizer" section (bench/trainer_twin.py: the Trainer then builds
+    torch's AdamW over its own decay groups); the path written."""
+    config = load_config(TRAINER_CONFIG)
+    del config["optimizer"]
+    return write_config(config, directory, "trainer-twin")
+
+
+def statistics_difference(a: dict, b: dict) -> Optional[float]:
+    """The largest relative difference between two runs' statistics over all decisions and blocks
+    (None when their decisions do not pair up step for step)."""
+    if [d["step"] for d in a["decisions"]] != [d["step"] for d in b["decisions"]]:
+        return None
+    worst = 0.0
+    for x, y in zip(a["decisions"], b["decisions"]):
+        for key, values in x["stats"].items():
+            if isinstance(values, list):
+                worst = max([worst, *(abs(u - v) / max(abs(u), abs(v), 1e-30) for u, v in zip(values, y["stats"][key])
+                                      if u is not None and v is not None)])
+    return worst
 
 
 def freezes(result: dict) -> str:
@@ -123,6 +150,11 @@ def summary_lines(summary: dict) -> str:
     base, other = summary["overhead_runs"]
     lines.append(f"- Trainer overhead: train time {other} / {base} = {summary['train_time_ratio']:.3f} "
                  f"({'within' if summary['overhead_within_5_percent'] else 'over'} 5%)")
+    if "twin" in summary:
+        twin, diff = summary["twin"], summary["twin"]["max_statistic_difference"]
+        lines.append(f"- same training (--twin): same freeze steps: {'yes' if twin['same_freeze_steps'] else 'no'}; "
+                     f"accuracy trainer - launcher {100 * twin['accuracy_delta']:+.2f} pt; largest relative "
+                     f"difference of a logged statistic: {'decisions differ' if diff is None else f'{diff:.1e}'}")
     return "\n".join(lines)
 
 
@@ -132,6 +164,8 @@ def main() -> None:
     p.add_argument("--seed_spread", type=float, default=0.0080,
                    help="accuracy spread to compare against with one seed (default: full fine-tuning's over seeds "
                         "42-44 in this setting, docs/deciders.md: 0.80 pt)")
+    p.add_argument("--twin", action="store_true",
+                   help="also both paths on the same training, first seed (module doc)")
     args = p.parse_args()
     seeds = args.seeds or [args.seed]
     if args.max_train_samples % BATCH:
@@ -159,8 +193,21 @@ def main() -> None:
         results["trainer (launcher's freezes)"] = run_trainer(
             "trainer-schedule", with_schedule(TRAINER_CONFIG, events, steps, configs, "trainer"), args, seeds[0])
         overhead = ("launcher (launcher's freezes)", "trainer (launcher's freezes)")
+    if args.twin:
+        configs = os.path.join(args.out, "configs")
+        os.makedirs(configs, exist_ok=True)
+        results["launcher, fixed padding"] = run_one("launcher-padded", LAUNCHER_CONFIG, args,
+                                                     extra=["--seed", str(seeds[0]), "--pad_to_max_length"])
+        results["trainer twin"] = run_trainer("trainer-twin", twin_config(configs), args, seeds[0],
+                                              script="bench/trainer_twin.py", extra=("--optim", "adamw_torch"))
 
     summary = summarize(results, seeds, args.seed_spread, overhead)
+    if args.twin:
+        a, b = results["launcher, fixed padding"], results["trainer twin"]
+        summary["twin"] = {"same_freeze_steps": freezes(a) == freezes(b),
+                           "accuracy_delta": b["eval_accuracy"] - a["eval_accuracy"],
+                           "train_loss": [a["train_loss"], b["train_loss"]],
+                           "max_statistic_difference": statistics_difference(a, b)}
     md = table(results)
     print("\n" + md + "\n\n" + summary_lines(summary))
     path = args.out + ".json"

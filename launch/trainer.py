@@ -53,6 +53,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--weight_decay", type=float, default=0.01)
     p.add_argument("--warmup_steps", type=float, default=0.06, help="steps, or below 1 a fraction of the run")
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--optim", default="adamw_torch_fused",
+                   help="the Trainer's optimizer, used when the DeepSpeed JSON has no 'optimizer' section")
     p.add_argument("--output_dir", default="output/trainer")
     p.add_argument("--save_strategy", choices=("epoch", "no"), default="epoch")
     p.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint-N directory, or 'latest'")
@@ -83,7 +85,8 @@ def accuracy(prediction: EvalPrediction) -> dict[str, float]:
             "examples": len(prediction.label_ids)}
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None, trainer_class: type[Trainer] = Trainer) -> dict:
+    """``trainer_class``: Trainer, or a subclass (bench/trainer_twin.py's follows the launcher's batches)."""
     args = parse_args(argv)
     world_of_one()
     if args.model_name_or_path is None:
@@ -108,11 +111,11 @@ def main(argv: list[str] | None = None) -> dict:
         num_train_epochs=args.num_train_epochs, learning_rate=args.learning_rate, weight_decay=args.weight_decay,
         warmup_steps=args.warmup_steps, max_grad_norm=1.0,
         eval_strategy="epoch", save_strategy=args.save_strategy, logging_steps=25, report_to="none",
-        disable_tqdm=args.no_progress, dataloader_pin_memory=torch.cuda.is_available())
+        disable_tqdm=args.no_progress, optim=args.optim, dataloader_pin_memory=torch.cuda.is_available())
     # ExampleIds: each example carries its dataset index, the activation cache's key (evaluation
     # ignores it; there it is a map-style view of the tensors).
-    trainer = Trainer(model=model, args=training_args, train_dataset=ExampleIds(train_set),
-                      eval_dataset=ExampleIds(eval_set), compute_metrics=accuracy)
+    trainer = trainer_class(model=model, args=training_args, train_dataset=ExampleIds(train_set),
+                            eval_dataset=ExampleIds(eval_set), compute_metrics=accuracy)
     callback = AutoFreezeCallback(trainer)
     trainer.add_callback(callback)
 

@@ -1,6 +1,7 @@
 """The benches' own machinery (bench/ is scripts, not the package)."""
 import json
 import os
+import subprocess
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
@@ -26,3 +27,37 @@ def test_reuse_matches_a_finished_run_by_its_config_content_not_its_path(tmp_pat
     assert run({"lr": 1}, "tmp1")["runs"] == 1
     assert run({"lr": 1}, "tmp2")["runs"] == 1  # same config written elsewhere: the finished run, read back
     assert run({"lr": 2}, "tmp2")["runs"] == 2  # another config: run again
+
+
+def test_trainer_twin_trains_exactly_as_the_launcher(tmp_path):
+    """bench/trainer_twin.py (the Trainer path given the launcher's batches, dropout stream and
+    parameter groups) against launch/finetune.py --pad_to_max_length, packaged MiniLM and reviews, the
+    shipped rule with the cache: every statistic at every decision, the freezes, the accuracy and the
+    loss are the launcher's. Leaving any one of the three differences in makes it fail."""
+    from conftest import ROOT, script_env
+    launcher_config = json.load(open(os.path.join(ROOT, "configs", "autofreeze_cache.json")))
+    launcher_config["train_micro_batch_size_per_gpu"] = 16
+    trainer_config = json.load(open(os.path.join(ROOT, "configs", "trainer_autofreeze_cache.json")))
+    del trainer_config["optimizer"]  # the Trainer builds torch's AdamW over its own decay groups
+    common = ["--max_train_samples", "128", "--max_eval_samples", "40", "--max_seq_length", "32",
+              "--num_train_epochs", "2", "--seed", "3", "--save_strategy", "no", "--no_progress"]
+    results = []
+    for name, script, config, extra in [
+            ("launcher", "launch/finetune.py", launcher_config,
+             ["--pad_to_max_length"]),
+            ("twin", "bench/trainer_twin.py", trainer_config,
+             ["--optim", "adamw_torch", "--per_device_train_batch_size", "16", "--warmup_steps", "1"])]:
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(config))
+        out = tmp_path / name
+        proc = subprocess.run([sys.executable, os.path.join(ROOT, script), "--deepspeed_config", str(path),
+                               "--output_dir", str(out), *common, *extra],
+                              capture_output=True, text=True, env=script_env(), cwd=ROOT, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+        results.append(json.loads((out / "all_results.json").read_text()))
+    launcher, twin = results
+    assert [d["stats"] for d in twin["decisions"]] == [d["stats"] for d in launcher["decisions"]]
+    assert [(e["step"], e["frozen_blocks"]) for e in twin["freeze_events"]] == \
+        [(e["step"], e["frozen_blocks"]) for e in launcher["freeze_events"]] != []
+    assert twin["eval_accuracy"] == launcher["eval_accuracy"]
+    assert abs(twin["train_loss"] - launcher["train_loss"]) < 1e-6
