@@ -44,6 +44,7 @@ TRAINER_CONFIG = "configs/trainer_autofreeze_cache.json"
 BATCH = 32  # both configs' micro-batch; one process, no accumulation
 WARMUP = 0.06  # configs/autofreeze_cache.json's warmup_num_steps, a fraction of the run
 OVERHEAD_LIMIT = 1.05
+TWIN_ARGS = ("--optim", "adamw_torch")  # the plain AdamW DeepSpeed's torch_adam builds (bench/trainer_twin.py)
 
 
 def total_steps(args: argparse.Namespace) -> int:
@@ -180,12 +181,12 @@ def main() -> None:
         results[f"trainer seed{seed}"] = run_trainer(f"trainer-seed{seed}", TRAINER_CONFIG, args, seed)
     overhead = None
     first = results[f"launcher seed{seeds[0]}"]
+    # Configs written for runs below sit beside the runs, not in a temporary directory: the same
+    # config gives the same command, so --reuse finds these runs too.
+    configs = os.path.join(args.out, "configs")
+    os.makedirs(configs, exist_ok=True)
     if freezes(first) != freezes(results[f"trainer seed{seeds[0]}"]):
         # Train times compare only at the same work: both paths again, freezing where the launcher did.
-        # Beside the runs, not in a temporary directory: the same schedule gives the same command, so
-        # --reuse finds these runs too.
-        configs = os.path.join(args.out, "configs")
-        os.makedirs(configs, exist_ok=True)
         events, steps = first["freeze_events"], total_steps(args)
         results["launcher (launcher's freezes)"] = run_one(
             "launcher-schedule", with_schedule(LAUNCHER_CONFIG, events, steps, configs, "launcher"), args,
@@ -194,12 +195,10 @@ def main() -> None:
             "trainer-schedule", with_schedule(TRAINER_CONFIG, events, steps, configs, "trainer"), args, seeds[0])
         overhead = ("launcher (launcher's freezes)", "trainer (launcher's freezes)")
     if args.twin:
-        configs = os.path.join(args.out, "configs")
-        os.makedirs(configs, exist_ok=True)
         results["launcher, fixed padding"] = run_one("launcher-padded", LAUNCHER_CONFIG, args,
                                                      extra=["--seed", str(seeds[0]), "--pad_to_max_length"])
         results["trainer twin"] = run_trainer("trainer-twin", twin_config(configs), args, seeds[0],
-                                              script="bench/trainer_twin.py", extra=("--optim", "adamw_torch"))
+                                              script="bench/trainer_twin.py", extra=TWIN_ARGS)
 
     summary = summarize(results, seeds, args.seed_spread, overhead)
     if args.twin:

@@ -6,7 +6,8 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
 
-from compare import run_command  # noqa: E402
+from compare import run_command, write_config  # noqa: E402
+from trainer import TWIN_ARGS, twin_config  # noqa: E402  (bench/trainer.py)
 
 # A stand-in for launch/finetune.py: counts its runs and writes all_results.json into the output dir.
 SCRIPT = ("import json, os, sys; out = sys.argv[sys.argv.index('--output_dir') + 1]; "
@@ -37,20 +38,16 @@ def test_trainer_twin_trains_exactly_as_the_launcher(tmp_path):
     from conftest import ROOT, script_env
     launcher_config = json.load(open(os.path.join(ROOT, "configs", "autofreeze_cache.json")))
     launcher_config["train_micro_batch_size_per_gpu"] = 16
-    trainer_config = json.load(open(os.path.join(ROOT, "configs", "trainer_autofreeze_cache.json")))
-    del trainer_config["optimizer"]  # the Trainer builds torch's AdamW over its own decay groups
     common = ["--max_train_samples", "128", "--max_eval_samples", "40", "--max_seq_length", "32",
               "--num_train_epochs", "2", "--seed", "3", "--save_strategy", "no", "--no_progress"]
     results = []
-    for name, script, config, extra in [
-            ("launcher", "launch/finetune.py", launcher_config,
+    for name, script, path, extra in [
+            ("launcher", "launch/finetune.py", write_config(launcher_config, str(tmp_path), "launcher"),
              ["--pad_to_max_length"]),
-            ("twin", "bench/trainer_twin.py", trainer_config,
-             ["--optim", "adamw_torch", "--per_device_train_batch_size", "16", "--warmup_steps", "1"])]:
-        path = tmp_path / f"{name}.json"
-        path.write_text(json.dumps(config))
+            ("twin", "bench/trainer_twin.py", twin_config(str(tmp_path)),
+             [*TWIN_ARGS, "--per_device_train_batch_size", "16", "--warmup_steps", "1"])]:
         out = tmp_path / name
-        proc = subprocess.run([sys.executable, os.path.join(ROOT, script), "--deepspeed_config", str(path),
+        proc = subprocess.run([sys.executable, os.path.join(ROOT, script), "--deepspeed_config", path,
                                "--output_dir", str(out), *common, *extra],
                               capture_output=True, text=True, env=script_env(), cwd=ROOT, timeout=600)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
