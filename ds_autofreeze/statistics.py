@@ -202,6 +202,9 @@ class GradientMoments:
             view = self._sums[b][used[b]:used[b] + f.numel] if sums else None
             self._segments.setdefault(id(f.tensor), []).append((b, f, view))
             used[b] += f.numel
+        # Per set of tensors a hook call steps: its segments, their A_b views and the matrix that sums
+        # their chunks into blocks (built once: a host-to-device copy each step would stall a GPU).
+        self._plans: dict[tuple[int, ...], tuple[list[Fragment], list[torch.Tensor], torch.Tensor]] = {}
         self._steps: dict[int, int] = {}  # per optimizer tensor: steps seen (ZeRO steps one group at a time)
         self._handle = layout.inner.register_step_pre_hook(self._on_step)
 
@@ -213,19 +216,28 @@ class GradientMoments:
             self._scale.mul_(self.scale_decay)
             self._scale_weight = self.scale_decay * self._scale_weight + 1.0
         self._stepped = True
-        for group in optimizer.param_groups:
-            for tensor in group["params"]:
-                segments = self._segments.get(id(tensor))
-                if segments is None or tensor.grad is None:
-                    continue
-                self._steps[id(tensor)] = self._steps.get(id(tensor), 0) + 1
-                for b, frag, acc in segments:
-                    g = frag.view(tensor.grad).float()
-                    if acc is not None:
-                        acc.add_(g)
-                    sq = torch.dot(g, g)
-                    self._sq[b] += sq
-                    self._scale[b] += sq
+        tensors = [t for group in optimizer.param_groups for t in group["params"]
+                   if id(t) in self._segments and t.grad is not None]
+        if not tensors:
+            return
+        for t in tensors:
+            self._steps[id(t)] = self._steps.get(id(t), 0) + 1
+        key = tuple(map(id, tensors))
+        if key not in self._plans:
+            segments = [s for t in tensors for s in self._segments[id(t)]]
+            self._plans[key] = ([f for _, f, _ in segments], [acc for _, _, acc in segments if acc is not None],
+                                _summing_matrix(_per_chunk([f.numel for _, f, _ in segments],
+                                                            [b for b, _, _ in segments]), self.num_blocks,
+                                                self._sq.device))
+        frags, accs, matrix = self._plans[key]
+        grads = [f.view(f.tensor.grad).float() for f in frags]
+        # A few tensor ops per step, not a few per parameter: on a GPU each op is a kernel launch.
+        if accs:
+            torch._foreach_add_(accs, grads)
+        sq = matrix @ _chunk_sums(grads, _squares)
+        self._sq += sq
+        if self.scale_decay is not None:
+            self._scale += sq
 
     def advance(self) -> None:
         """End of an optimizer step (called after every one): the next hook call starts a new step of
@@ -262,12 +274,15 @@ class GradientMoments:
         steps = max(self._steps.values(), default=0)
         n, h = self.num_blocks, self.history
         local = torch.zeros(3 * n + n * h + 1, dtype=torch.float64, device=self._sq.device)
-        for b, acc in enumerate(self._sums):
-            if acc.numel():
-                local[b] = _sum64(acc, torch.abs)
-                local[n + b] = torch.dot(acc, acc).double()
-                for j, past in enumerate(self._past):
-                    local[3 * n + b * h + j] = torch.dot(acc, past[b]).double()
+        held = [b for b, acc in enumerate(self._sums) if acc.numel()]
+        if held:
+            accs = [self._sums[b] for b in held]
+            matrix = _summing_matrix(_per_chunk([acc.numel() for acc in accs], held), n, local.device)
+            local[:n] = matrix @ _chunk_sums(accs, _abs_sum)
+            local[n:2 * n] = matrix @ _chunk_sums(accs, _squares)
+        for b in held:
+            for j, past in enumerate(self._past):
+                local[3 * n + b * h + j] = torch.dot(self._sums[b], past[b]).double()
         local[2 * n:3 * n] = self._sq
         local[-1] = steps
         if dist.is_initialized() and dist.get_world_size() > 1:
@@ -320,13 +335,47 @@ class GradientMoments:
         return sum(t.numel() * t.element_size() for t in [*tensors, self._sq, self._scale])
 
 
-def _sum64(t: torch.Tensor, op: Callable[[torch.Tensor], torch.Tensor] = lambda x: x) -> torch.Tensor:
-    """sum(op(t)), a chunk at a time, the chunks' sums accumulated in float64. Not a float64 cast:
-    of the whole tensor it is a copy at twice its size (an embedding's was the peak of a 100M model's
-    freeze), and even chunk by chunk it ran at 5 ns an element on CPU (2.4 s of a 300M freeze's
-    pause). A chunk's float32 sum is torch's cascade sum: relative error about 1e-8 here."""
-    return sum((op(c).sum().double() for c in t.reshape(-1).split(_CHUNK)),
-               torch.zeros((), dtype=torch.float64, device=t.device))
+def _squares(chunk: torch.Tensor) -> torch.Tensor:
+    return torch.dot(chunk, chunk)
+
+
+def _abs_sum(chunk: torch.Tensor) -> torch.Tensor:
+    return chunk.abs().sum()
+
+
+def _adam_steps(states: Sequence[dict]) -> list[float]:
+    """Adam's step count per state, read in one op: torch's Adam keeps each as a tensor (fused Adam on
+    the device, where a ``float()`` each would synchronize once per parameter)."""
+    steps = [st.get("step", 1) for st in states]
+    if all(torch.is_tensor(t) for t in steps) and len({t.device for t in steps}) == 1:
+        return torch.stack([t.reshape(()).float() for t in steps]).tolist()
+    return [float(t) for t in steps]
+
+
+def _chunk_sums(tensors: Sequence[torch.Tensor], reduce: Callable[[torch.Tensor], torch.Tensor] = torch.sum
+                ) -> torch.Tensor:
+    """float64 vector of reduce(chunk) over every tensor's chunks of ``_CHUNK`` elements, in order
+    (``_per_chunk`` says which chunk is whose). Each chunk reduced in float32 (torch's cascade sum:
+    relative error about 1e-8 here; one float32 dot of 4M elements was 2e-5 off), the chunks' values
+    added in float64 by the caller. Not a float64 cast: of the whole tensor it is a copy at twice its
+    size (an embedding's was the peak of a 100M model's freeze), and even chunk by chunk it ran at
+    5 ns an element on CPU (2.4 s of a 300M freeze's pause)."""
+    return torch.stack([reduce(c) for t in tensors for c in t.reshape(-1).split(_CHUNK)]).double()
+
+
+def _per_chunk(numels: Sequence[int], values: Sequence[Any]) -> list[Any]:
+    """Each tensor's value (its block, its Adam step) once for each chunk ``_chunk_sums`` makes of it."""
+    return [value for n, value in zip(numels, values) for _ in range(max(1, -(-n // _CHUNK)))]
+
+
+def _summing_matrix(rows: Sequence[int], num_rows: int, device: torch.device,
+                    weights: Optional[Sequence[float]] = None) -> torch.Tensor:
+    """(num_rows, len(rows)) float64 with ``weights`` (or 1) at (rows[j], j): times a vector of
+    per-chunk values, the per-row sums, in one op and in a fixed order (a GPU's index_add_ adds in
+    whatever order its atomics land)."""
+    matrix = torch.zeros(num_rows, len(rows), dtype=torch.float64)
+    matrix[list(rows), list(range(len(rows)))] = torch.tensor(weights, dtype=torch.float64) if weights else 1.0
+    return matrix.to(device)
 
 
 def adam_moments(layout: OptimizerLayout, block_of: dict[int, int], num_blocks: int, measured: Sequence[bool]
@@ -343,14 +392,19 @@ def adam_moments(layout: OptimizerLayout, block_of: dict[int, int], num_blocks: 
     # hold a fragment, and their number (every parameter steps together, so ranks agree on it).
     local = torch.zeros(2 * num_blocks + 3, dtype=torch.float64, device=device)
     local[-3] = 1.0 if has_state else 0.0
-    if has_state:
-        for f, state in zip(frags, states):
-            step = float(state.get("step", 1))
-            m, v = f.view(state["exp_avg"]).float(), f.view(state["exp_avg_sq"]).float()
-            b = block_of[id(f.param)]
-            local[b] += torch.dot(m, m).double() / (1 - betas[0] ** step) ** 2
-            local[num_blocks + b] += _sum64(v) / (1 - betas[1] ** step)
-            local[-2], local[-1] = step, 1.0
+    if has_state and frags:
+        steps = _adam_steps(states)
+        rows = _per_chunk([f.numel for f in frags], [block_of[id(f.param)] for f in frags])
+        chunk_steps = _per_chunk([f.numel for f in frags], steps)
+        ms = [f.view(st["exp_avg"]).float() for f, st in zip(frags, states)]
+        vs = [f.view(st["exp_avg_sq"]).float() for f, st in zip(frags, states)]
+        # The bias corrections ride in the summing matrices: a few ops per read, not a few per parameter.
+        local[:num_blocks] = _summing_matrix(rows, num_blocks, device, [(1 - betas[0] ** t) ** -2 for t in chunk_steps]
+                                             ) @ _chunk_sums(ms, _squares)
+        local[num_blocks:2 * num_blocks] = _summing_matrix(rows, num_blocks, device,
+                                                           [1 / (1 - betas[1] ** t) for t in chunk_steps]
+                                                           ) @ _chunk_sums(vs)
+        local[-2], local[-1] = steps[-1], 1.0
     world = 1
     if dist.is_initialized() and dist.get_world_size() > 1:
         world = dist.get_world_size()
@@ -413,19 +467,24 @@ class ProbeDrift:
             model.train(was_training)
         pasts = self._past
         self._past = [outputs, *pasts][:max(1, self.history + 1)]
-        local = torch.zeros(n * (len(pasts) + 1), dtype=torch.float64)
+        # The squared norms stay on the device until one read: an item() each synchronized a GPU
+        # once per block and kept measurement.
+        index, norms = [], []
         for b, cur in enumerate(outputs):
             if cur is None or not measured[b]:
                 continue
-            local[b] = cur.double().pow(2).sum().item()
+            index.append(b)
+            norms.append(cur.double().pow(2).sum())
             for j, past in enumerate(pasts):
                 if past[b] is not None:
-                    local[n * (j + 1) + b] = (cur - past[b]).double().pow(2).sum().item()
+                    index.append(n * (j + 1) + b)
+                    norms.append((cur - past[b]).double().pow(2).sum())
+        device = next(iter(self.probe.values())).device
+        local = torch.zeros(n * (len(pasts) + 1), dtype=torch.float64, device=device)
+        if norms:
+            local[index] = torch.stack(norms).to(device)
         if dist.is_initialized() and dist.get_world_size() > 1:
-            device = next(iter(self.probe.values())).device
-            local = local.to(device)
             dist.all_reduce(local)
-            local = local.cpu()
         values = local.tolist()
 
         def drift(b: int, j: int) -> Optional[float]:

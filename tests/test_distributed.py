@@ -297,6 +297,8 @@ def watch_stats(rank: int, world: int, stage: int) -> dict:
         config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     engine, *_ = deepspeed.initialize(model=tiny_bert(dropout=0.0), config=config)
     af = ds_autofreeze.attach(engine, WATCH)
+    probe = {k: v for k, v in batches(1, micro=8, seed=9)[0].items() if k != "labels"}
+    af.set_probe({k: v[rank * 8 // world:(rank + 1) * 8 // world] for k, v in probe.items()})  # this rank's shard
     accumulator = af.controller.moments.nbytes()  # before the first interval is kept for replay
     for batch in batches(6, micro=8, seed=3):
         mine = {k: v[rank * 8 // world:(rank + 1) * 8 // world] for k, v in batch.items()}
@@ -310,15 +312,15 @@ def watch_stats(rank: int, world: int, stage: int) -> dict:
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_partitioned_statistics_equal_unpartitioned_ones(stage):
-    """Two ranks, each summing only the gradient elements it holds, log what one rank holding all
-    of them logs. Each rank's accumulator holds the block elements of its own partition: together
+    """Two ranks, each summing only the gradient elements it holds (and measuring its shard of the
+    probe set), log what one rank holding all of them logs. Each rank's accumulator holds the block elements of its own partition: together
     one float per block parameter, each at most 4 bytes x trainable parameters / world size."""
     one = _in_process(watch_stats, stage)[0]
     two = run_ranks(watch_stats, 2, stage)
     for r in two:
         assert len(r["log"]) == len(one["log"]) == 2
         for got, want in zip(r["log"], one["log"]):
-            for key in ("grad_l1", "grad_sum_sq", "grad_sq_sum", "adam_m2", "adam_v", "grad_sq_recent"):
+            for key in ("grad_l1", "grad_sum_sq", "grad_sq_sum", "adam_m2", "adam_v", "grad_sq_recent", "drift"):
                 assert got["stats"][key] == pytest.approx(want["stats"][key], rel=1e-4), key
             assert got["stats"]["steps"] == 3
         # ZeRO pads partitions to an alignment; Q and the recent scale are two floats per block.
