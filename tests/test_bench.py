@@ -58,3 +58,18 @@ def test_trainer_twin_trains_exactly_as_the_launcher(tmp_path):
         [(e["step"], e["frozen_blocks"]) for e in launcher["freeze_events"]] != []
     assert twin["eval_accuracy"] == launcher["eval_accuracy"]
     assert abs(twin["train_loss"] - launcher["train_loss"]) < 1e-6
+
+
+def test_overhead_bench_counts_the_statistics_ops_of_a_never_freezing_run(tmp_path):
+    """bench/overhead.py on a 2-block model: with AutoFreeze off it counts nothing of ours; the
+    moments decider's step hook runs on every step; the table and the JSON come out."""
+    from conftest import ROOT, script_env
+    out = tmp_path / "overhead.json"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "overhead.py"), "--layers", "2", "--steps", "6",
+                           "--deciders", "full (autofreeze off)", "snr, moments", "--out", str(out)],
+                          capture_output=True, text=True, env=script_env(), cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "| snr, moments |" in proc.stdout
+    full, moments = json.loads(out.read_text())["rows"]
+    assert full["hook"]["ops"] == full["after_step"]["ops"] == 0
+    assert 0 < moments["hook"]["ops"] < moments["engine"]["ops"] and moments["step"]["ms"] > 0
