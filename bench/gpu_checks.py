@@ -9,7 +9,9 @@ CPU). One process, a tiny random BERT (4 blocks), DeepSpeed's torch AdamW (no JI
   the optimizer's fp32 masters and Adam moments of a staying parameter survive the rebuild bit for bit;
 - the statistics read unscaled gradients: two fp16 runs whose static loss scales differ 256x log the
   same gradient moments (up to fp16 rounding);
-- the activation cache is exact on CUDA: cached and uncached bf16 runs give the same losses.
+- the activation cache is exact on CUDA: cached and uncached bf16 runs give the same losses;
+- the statistics' per-chunk sums (``statistics._chunk_sums``: one fused ``_foreach_norm`` on CUDA, a
+  dot or a sum per chunk on CPU) agree between the two within 1e-5.
 """
 from __future__ import annotations
 
@@ -146,6 +148,20 @@ def main() -> None:
     results["cache_exact_bf16"] = plain == cached
     rows.append(f"| cache exact (bf16, ZeRO-1) | | {'ok' if plain == cached else 'FAILED'} | "
                 f"24 steps, losses equal: {plain == cached} |")
+    try:
+        from ds_autofreeze.statistics import _chunk_sums
+        g = torch.Generator().manual_seed(0)
+        tensors = [torch.randn(n, generator=g) for n in (1, 1000, 590_000, 2_400_000)]  # the last: 3 chunks
+        worst = 0.0
+        for of in ("squares", "abs", "values"):
+            src = [t.abs() if of == "values" else t for t in tensors]
+            cpu, gpu = _chunk_sums(src, of), _chunk_sums([t.cuda() for t in src], of).cpu()
+            worst = max(worst, ((gpu - cpu).abs() / cpu.abs()).max().item())
+        results["chunk_sums_relative_difference"] = worst
+        rows.append(f"| statistics' sums, CUDA (fused) vs CPU | | {'ok' if worst < 1e-5 else 'FAILED'} | "
+                    f"largest relative difference {worst:.2e} |")
+    except Exception as err:  # noqa: BLE001
+        rows.append(f"| statistics' sums, CUDA vs CPU | | error | {type(err).__name__}: {str(err)[:150]} |")
     table = "\n".join([f"GPU checks on {results['device']}", "", "| check | optimizer | result | detail |",
                        "|---|---|---|---|", *rows])
     print(table)

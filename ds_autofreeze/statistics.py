@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Literal, Optional, Sequence
 
 import torch
 from deepspeed import comm as dist
@@ -41,6 +41,7 @@ from .model_adapter import ModelAdapter
 from .repartition import Fragment, OptimizerLayout
 
 _CHUNK = 1 << 20  # elements per partial sum (a 4 MB temporary where the op makes one)
+_FUSED_DEVICES = ("cuda",)  # where _chunk_sums reduces all chunks in one fused op
 _PROJECTION_DIM = 32  # random projection of each token's hidden state for the drift statistic
 # Adam's first step leaves m^2 / v = 1 whatever the gradient: its ratio estimates from the second on.
 ADAM_FIRST_ESTIMATE = 2
@@ -231,10 +232,11 @@ class GradientMoments:
                                                 self._sq.device))
         frags, accs, matrix = self._plans[key]
         grads = [f.view(f.tensor.grad).float() for f in frags]
-        # A few tensor ops per step, not a few per parameter: on a GPU each op is a kernel launch.
+        # On a GPU each tensor op is a kernel launch: a few per step on CUDA (one per parameter tensor
+        # elsewhere), where this hook once issued six per parameter tensor.
         if accs:
             torch._foreach_add_(accs, grads)
-        sq = matrix @ _chunk_sums(grads, _squares)
+        sq = matrix @ _chunk_sums(grads, "squares")
         self._sq += sq
         if self.scale_decay is not None:
             self._scale += sq
@@ -278,8 +280,8 @@ class GradientMoments:
         if held:
             accs = [self._sums[b] for b in held]
             matrix = _summing_matrix(_per_chunk([acc.numel() for acc in accs], held), n, local.device)
-            local[:n] = matrix @ _chunk_sums(accs, _abs_sum)
-            local[n:2 * n] = matrix @ _chunk_sums(accs, _squares)
+            local[:n] = matrix @ _chunk_sums(accs, "abs")
+            local[n:2 * n] = matrix @ _chunk_sums(accs, "squares")
         for b in held:
             for j, past in enumerate(self._past):
                 local[3 * n + b * h + j] = torch.dot(self._sums[b], past[b]).double()
@@ -335,14 +337,6 @@ class GradientMoments:
         return sum(t.numel() * t.element_size() for t in [*tensors, self._sq, self._scale])
 
 
-def _squares(chunk: torch.Tensor) -> torch.Tensor:
-    return torch.dot(chunk, chunk)
-
-
-def _abs_sum(chunk: torch.Tensor) -> torch.Tensor:
-    return chunk.abs().sum()
-
-
 def _adam_steps(states: Sequence[dict]) -> list[float]:
     """Adam's step count per state, read in one op: torch's Adam keeps each as a tensor (fused Adam on
     the device, where a ``float()`` each would synchronize once per parameter)."""
@@ -352,15 +346,23 @@ def _adam_steps(states: Sequence[dict]) -> list[float]:
     return [float(t) for t in steps]
 
 
-def _chunk_sums(tensors: Sequence[torch.Tensor], reduce: Callable[[torch.Tensor], torch.Tensor] = torch.sum
-                ) -> torch.Tensor:
-    """float64 vector of reduce(chunk) over every tensor's chunks of ``_CHUNK`` elements, in order
-    (``_per_chunk`` says which chunk is whose). Each chunk reduced in float32 (torch's cascade sum:
-    relative error about 1e-8 here; one float32 dot of 4M elements was 2e-5 off), the chunks' values
-    added in float64 by the caller. Not a float64 cast: of the whole tensor it is a copy at twice its
-    size (an embedding's was the peak of a 100M model's freeze), and even chunk by chunk it ran at
-    5 ns an element on CPU (2.4 s of a 300M freeze's pause)."""
-    return torch.stack([reduce(c) for t in tensors for c in t.reshape(-1).split(_CHUNK)]).double()
+def _chunk_sums(tensors: Sequence[torch.Tensor], of: Literal["squares", "abs", "values"]) -> torch.Tensor:
+    """float64 vector of each chunk's sum of squares, of absolute values, or of values (for tensors
+    that are never negative) over every tensor's chunks of ``_CHUNK`` elements, in order
+    (``_per_chunk`` says which chunk is whose); the caller adds the chunks' values in float64. Not a
+    float64 cast: of the whole tensor it is a copy at twice its size (an embedding's was the peak of a
+    100M model's freeze), and even chunk by chunk it ran at 5 ns an element on CPU (2.4 s of a 300M
+    freeze's pause).
+
+    On CUDA one fused ``_foreach_norm`` over all chunks (torch's own gradient clipping relies on its
+    float32 tree sums); elsewhere a dot or a sum per chunk (torch's cascade sum: relative error about
+    1e-8 here), as the CPU's ``_foreach_norm`` adds in float32 in order (1e-3 off over 4M elements)."""
+    chunks = [c for t in tensors for c in t.reshape(-1).split(_CHUNK)]
+    if chunks[0].device.type in _FUSED_DEVICES:
+        norms = torch.stack(torch._foreach_norm(chunks, 2 if of == "squares" else 1)).double()
+        return norms.square() if of == "squares" else norms
+    reduce = {"squares": lambda c: torch.dot(c, c), "abs": lambda c: c.abs().sum(), "values": torch.sum}[of]
+    return torch.stack([reduce(c) for c in chunks]).double()
 
 
 def _per_chunk(numels: Sequence[int], values: Sequence[Any]) -> list[Any]:
@@ -400,10 +402,10 @@ def adam_moments(layout: OptimizerLayout, block_of: dict[int, int], num_blocks: 
         vs = [f.view(st["exp_avg_sq"]).float() for f, st in zip(frags, states)]
         # The bias corrections ride in the summing matrices: a few ops per read, not a few per parameter.
         local[:num_blocks] = _summing_matrix(rows, num_blocks, device, [(1 - betas[0] ** t) ** -2 for t in chunk_steps]
-                                             ) @ _chunk_sums(ms, _squares)
+                                             ) @ _chunk_sums(ms, "squares")
         local[num_blocks:2 * num_blocks] = _summing_matrix(rows, num_blocks, device,
                                                            [1 / (1 - betas[1] ** t) for t in chunk_steps]
-                                                           ) @ _chunk_sums(vs)
+                                                           ) @ _chunk_sums(vs, "values")
         local[-2], local[-1] = steps[-1], 1.0
     world = 1
     if dist.is_initialized() and dist.get_world_size() > 1:

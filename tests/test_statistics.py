@@ -275,3 +275,21 @@ def test_statistics_cost_a_few_tensor_ops_per_parameter_tensor_not_a_dozen():
     assert (many["hook"] - few["hook"]) / (large - small) == 1, (few, many)
     assert (many["adam"] - few["adam"]) / (large - small) == 2, (few, many)
     assert few["hook"] <= small + 10 and few["adam"] <= 2 * small + 24, few
+
+
+def test_fused_chunk_sums_equal_the_per_chunk_ones(monkeypatch):
+    """On CUDA the per-chunk sums are one fused _foreach_norm over all chunks (bench/gpu_checks.py checks
+    its precision there); run on CPU here (small tensors, where its float32 sums are exact enough), the
+    fused path's values come out in the same order and form as the per-chunk path's."""
+    import ds_autofreeze.statistics as statistics
+    g = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(n, generator=g) for n in (1, 300, 5000)]
+    monkeypatch.setattr(statistics, "_CHUNK", 2048)  # the last tensor in three chunks
+    for of in ("squares", "abs", "values"):
+        src = [t.abs() if of == "values" else t for t in tensors]
+        per_chunk = statistics._chunk_sums(src, of)
+        monkeypatch.setattr(statistics, "_FUSED_DEVICES", ("cpu",))
+        fused = statistics._chunk_sums(src, of)
+        monkeypatch.setattr(statistics, "_FUSED_DEVICES", ("cuda",))
+        assert len(per_chunk) == 5 and fused.dtype == torch.float64
+        assert fused.tolist() == pytest.approx(per_chunk.tolist(), rel=1e-5), of
