@@ -32,8 +32,22 @@ import sys
 import time
 from typing import Any, Callable
 
+from torch.utils._python_dispatch import TorchDispatchMode
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+class OpCounter(TorchDispatchMode):
+    """Counts the tensor ops dispatched within it that compute (views are not counted)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += not func.is_view
+        return func(*args, **(kwargs or {}))
+
 
 UNTIMED = 5  # steps before the timing starts (the counts cover every step)
 # Never-firing settings of each decider: the reads and hooks run as in a real run, nothing freezes.
@@ -61,19 +75,9 @@ def mpnet_shaped(layers: int, hidden: int):
 def run(decider: dict[str, Any] | None, layers: int, hidden: int, stage: int, steps: int, count: bool
         ) -> dict[str, Any]:
     import torch
-    from torch.utils._python_dispatch import TorchDispatchMode
 
     import ds_autofreeze
     from ds_autofreeze.statistics import GradientMoments
-
-    class Counter(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops += not func.is_view
-            return func(*args, **(kwargs or {}))
 
     totals = {"hook": [0, 0.0], "after_step": [0, 0.0], "engine": [0, 0.0], "step": [0, 0.0]}
     timing = [False]  # the first steps pay one-time costs (lazy initialization, the allocator): not timed
@@ -82,7 +86,7 @@ def run(decider: dict[str, Any] | None, layers: int, hidden: int, stage: int, st
         def call(*args: Any, **kwargs: Any) -> Any:
             start = time.perf_counter()
             if count:
-                with Counter() as counter:
+                with OpCounter() as counter:
                     out = fn(*args, **kwargs)
                 totals[part][0] += counter.ops
             else:

@@ -396,8 +396,8 @@ def adam_moments(layout: OptimizerLayout, block_of: dict[int, int], num_blocks: 
     local[-3] = 1.0 if has_state else 0.0
     if has_state and frags:
         steps = _adam_steps(states)
-        rows = _per_chunk([f.numel for f in frags], [block_of[id(f.param)] for f in frags])
-        chunk_steps = _per_chunk([f.numel for f in frags], steps)
+        numels = [f.numel for f in frags]
+        rows, chunk_steps = _per_chunk(numels, [block_of[id(f.param)] for f in frags]), _per_chunk(numels, steps)
         ms = [f.view(st["exp_avg"]).float() for f, st in zip(frags, states)]
         vs = [f.view(st["exp_avg_sq"]).float() for f, st in zip(frags, states)]
         # The bias corrections ride in the summing matrices: a few ops per read, not a few per parameter.

@@ -313,8 +313,9 @@ def watch_stats(rank: int, world: int, stage: int) -> dict:
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_partitioned_statistics_equal_unpartitioned_ones(stage):
     """Two ranks, each summing only the gradient elements it holds (and measuring its shard of the
-    probe set), log what one rank holding all of them logs. Each rank's accumulator holds the block elements of its own partition: together
-    one float per block parameter, each at most 4 bytes x trainable parameters / world size."""
+    probe set), log what one rank holding all of them logs. Each rank's accumulator holds the block
+    elements of its own partition: together one float per block parameter, each at most 4 bytes x
+    trainable parameters / world size."""
     one = _in_process(watch_stats, stage)[0]
     two = run_ranks(watch_stats, 2, stage)
     for r in two:

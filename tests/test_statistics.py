@@ -1,5 +1,7 @@
 """Per-block statistics on one rank: what the deciders read equals a direct computation."""
 import math
+import os
+import sys
 
 import pytest
 import torch
@@ -10,7 +12,9 @@ from ds_autofreeze.repartition import OptimizerLayout
 from ds_autofreeze.statistics import BlockStats, GradientMoments, adam_moments
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from conftest import batches, ds_config, tiny_bert
+from conftest import ROOT, batches, ds_config, tiny_bert
+
+sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 
 def watch(interval: int, stage: int = 0, steps: int = 8, log_statistics: bool = True, scheduler=None):
@@ -239,20 +243,12 @@ def test_statistics_cost_a_few_tensor_ops_per_parameter_tensor_not_a_dozen():
     own ops per step on MPNet's 12 blocks, bench/overhead.py). Now, per extra parameter tensor, the
     hook issues one reduction (the rest are foreach and per-block vector ops), an Adam read two;
     views are not counted."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Counter(TorchDispatchMode):
-        ops = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            Counter.ops += not func.is_view
-            return func(*args, **(kwargs or {}))
+    from overhead import OpCounter  # bench/overhead.py's counter
 
     def count(fn, *args):
-        before = Counter.ops
-        with Counter():
+        with OpCounter() as counter:
             fn(*args)
-        return Counter.ops - before
+        return counter.ops
 
     def costs(layers):
         model = tiny_bert(num_layers=layers)
