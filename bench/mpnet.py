@@ -41,12 +41,14 @@ DECIDERS = {
 }
 
 
-def write_data(directory: str, train: int, evaluate: int) -> tuple[str, str]:
-    """The packaged IMDb split (its first rows) as train.csv / dev.csv with columns text, label."""
-    from ds_autofreeze.data import imdb_split
+def write_data(directory: str, train: int, evaluate: int, source: str = "imdb") -> tuple[str, str]:
+    """A packaged split (its first rows; ds_autofreeze.data.packaged_split) as train.csv / dev.csv with
+    columns text, label."""
+    from ds_autofreeze.data import packaged_split
     os.makedirs(directory, exist_ok=True)
     paths = []
-    for name, rows, n in (("train", imdb_split()[0], train), ("dev", imdb_split()[1], evaluate)):
+    train_rows, held_out = packaged_split(source)
+    for name, rows, n in (("train", train_rows, train), ("dev", held_out, evaluate)):
         path = os.path.join(directory, f"{name}.csv")
         with open(path, "w", newline="") as f:
             w = csv.writer(f)

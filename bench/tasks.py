@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 from compare import bench_parser, cells, run_one, write_results  # noqa: E402
 
-from ds_autofreeze.data import imdb_split  # noqa: E402
+from ds_autofreeze.data import packaged_split  # noqa: E402
 
 RUNS = {"full": "configs/full.json", "autofreeze+cache": "configs/autofreeze_cache.json"}
 HEADLINE = {"question_answering": ("f1", "exact_match"), "multiple_choice": ("accuracy",)}
@@ -104,7 +104,7 @@ def main() -> None:
     p.add_argument("--tasks", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    train_reviews, held_out = imdb_split()
+    train_reviews, held_out = packaged_split()
     results: dict[str, dict[str, dict]] = {}
     for task in args.tasks:
         build, ext, launch_args = SETTINGS[task]

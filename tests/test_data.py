@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from ds_autofreeze.data import DataError, epoch_steps, group_texts, imdb_split, rank_share, read_rows, select_examples
+from ds_autofreeze.data import DataError, epoch_steps, group_texts, packaged_split, rank_share, read_rows, select_examples
 
 
 def _rank_orders(epoch, world=2, per_rank=5, n=101, seed=7):
@@ -33,11 +33,15 @@ def test_a_global_step_resplits_over_another_world():
         rank_share(step, 3, 0)
 
 
-def test_imdb_split_is_fixed_and_disjoint():
-    train, held_out = imdb_split()
-    assert (len(train), len(held_out)) == (20000, 5000)
+@pytest.mark.parametrize("source,sizes", [("imdb", (20000, 5000)), ("rotten_tomatoes", (6530, 2000))])
+def test_packaged_split_is_fixed_and_disjoint(source, sizes):
+    train, held_out = packaged_split(source)
+    assert (len(train), len(held_out)) == sizes
+    assert {r["source"] for r in train + held_out} == {source}
     assert not {id(r) for r in held_out} & {id(r) for r in train}  # a partition of the rows (IMDb has duplicate texts)
-    assert imdb_split()[1][0]["text"] == held_out[0]["text"]
+    assert packaged_split(source)[1][0]["text"] == held_out[0]["text"]
+    with pytest.raises(DataError, match="no source 'sst2'"):
+        packaged_split("sst2")
 
 
 def test_read_rows_jsonl_and_errors(tmp_path):

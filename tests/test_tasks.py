@@ -12,7 +12,7 @@ import torch
 from conftest import WORDS_NEG, WORDS_POS, write_config
 from test_finetune import run
 
-from ds_autofreeze.data import DataError, group_texts, imdb_split, read_rows
+from ds_autofreeze.data import DataError, group_texts, packaged_split, read_rows
 from ds_autofreeze.tasks import CausalLM, EvalSet, QuestionAnswering, add_arguments, build_task
 
 WORDS = [*WORDS_POS, *WORDS_NEG, "the", "movie", "was"]
@@ -234,7 +234,7 @@ def test_causal_lm_default_data_is_the_packaged_reviews_as_text(tiny_model_dir):
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     train, evaluation = CausalLM(task_args(block_size=16, max_train_samples=4, max_eval_samples=2)).load(tokenizer)
-    reviews, held_out = imdb_split()
+    reviews, held_out = packaged_split()
     expected = group_texts((tokenizer(r["text"])["input_ids"] for r in reviews), 16, 4)
     assert torch.equal(train.tensors["input_ids"], expected) and len(train) == 4
     assert evaluation.num_examples == 2 and evaluation.features.tensors["input_ids"][0, 0] == tokenizer.cls_token_id
