@@ -11,9 +11,10 @@
 - report: for each record, the steps after 55% of the run (about where the shipped rule froze QA and
   multiple choice): how often the norm was clipped, and the ratio of the clip factor the staying
   parameters would get with k blocks frozen to the one they got, with the threshold kept (what a
-  freeze did before ``rescale_clipping``) and rescaled as ``rescale_clipping`` does (by the staying
-  share of the squared clipped gradient before the freeze, which Adam's second moments average). The
-  "energy" ratio is that of the staying parameters' summed squared clipped gradients after the freeze.
+  freeze did before ``rescale_clipping``), rescaled as ``rescale_clipping`` does by default (by the
+  staying share of the squared clipped gradient before the freeze, which Adam's second moments
+  average), and rescaled by that share over the last decision interval only (``rescale_from``
+  "interval": the run's steps / 20, the shipped ``num_intervals``). The "energy" ratio is that of the staying parameters' summed squared clipped gradients after the freeze.
   Prints a table and writes bench/results/decider_study/clipping.json.
 """
 from __future__ import annotations
@@ -36,6 +37,7 @@ import decider_study as study  # noqa: E402
 PREFIX = os.path.join(study.OUT, "clipping-")
 TOTAL_STEPS = {"imdb": 375, "qa": 174, "mc": 62}  # bench/decider_study.py's runs
 FREEZE_AT = 0.55
+DECISIONS = 20  # the shipped num_intervals: an interval is total // 20 steps
 BLOCKS = (1, 2, 4)
 
 
@@ -92,14 +94,18 @@ def analyse(path: str) -> list[dict]:
     for k in BLOCKS:
         share = np.array([r[f"share{k}"] for r in rows])
         frozen_share = float((share[before] * clipped_sq[before]).sum() / clipped_sq[before].sum())
+        # rescale_from "interval": the share over the last decision interval before the freeze.
+        last = (step > FREEZE_AT * total - total // DECISIONS) & (step <= FREEZE_AT * total)
+        recent_share = float((share[last] * clipped_sq[last]).sum() / clipped_sq[last].sum())
         staying = norm * np.sqrt(1 - share)
-        for threshold, label in ((1.0, "kept"), (np.sqrt(1 - frozen_share), "rescaled")):
+        for used, label in ((0.0, "kept"), (frozen_share, "rescaled"), (recent_share, "rescaled, last interval")):
+            threshold = np.sqrt(1 - used)
             factor = np.minimum(1.0, threshold / staying)[after]
             ratio = factor / full[after]
             energy = (factor ** 2 * staying[after] ** 2).sum() / (full[after] ** 2 * staying[after] ** 2).sum()
             out.append({"run": name, "blocks": k, "threshold": label, "steps": int(after.sum()),
                         "clipped": float((norm[after] > 1).mean()), "median_norm": float(np.median(norm[after])),
-                        "frozen_share": frozen_share, "ratio_median": float(np.median(ratio)),
+                        "frozen_share": frozen_share, "share_used": used, "ratio_median": float(np.median(ratio)),
                         "ratio_mean": float(ratio.mean()), "ratio_p90": float(np.percentile(ratio, 90)),
                         "energy": float(energy)})
     return out
@@ -107,11 +113,11 @@ def analyse(path: str) -> list[dict]:
 
 def report() -> None:
     rows = [r for path in sorted(glob.glob(f"{PREFIX}*.jsonl")) for r in analyse(path)]
-    print("| run | k frozen | threshold | steps after 55% | clipped | median norm | frozen share | "
+    print("| run | k frozen | threshold | steps after 55% | clipped | median norm | frozen share (6-55%) / rescaled by | "
           "clip factor ratio median / mean / p90 | energy ratio |\n|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['run']} | {r['blocks']} | {r['threshold']} | {r['steps']} | {r['clipped']:.2f} | "
-              f"{r['median_norm']:.2f} | {r['frozen_share']:.2f} | {r['ratio_median']:.2f} / {r['ratio_mean']:.2f} / "
+              f"{r['median_norm']:.2f} | {r['frozen_share']:.2f} / {r['share_used']:.2f} | {r['ratio_median']:.2f} / {r['ratio_mean']:.2f} / "
               f"{r['ratio_p90']:.2f} | {r['energy']:.2f} |")
     with open(os.path.join(study.OUT, "clipping.json"), "w") as f:
         json.dump(rows, f, indent=1)

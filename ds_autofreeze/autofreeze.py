@@ -63,6 +63,9 @@ class AutoFreeze:
         # object (the old one is emptied): whoever else holds it (a Trainer's wrappers) re-points here.
         self.freeze_listeners: list[Callable[[int], None]] = []
         self._cache_manifest: Optional[dict] = None  # from a checkpoint loaded before a cache was attached
+        # rescale_from "interval": Adam's step and second moments per freeze unit at the last decision.
+        self._units = self._freeze_units()
+        self._moments_at_decision: Optional[tuple[int, list[float]]] = None
         self._step = engine.global_steps
         self._originals = {name: getattr(engine, name) for name in ("save_checkpoint", "load_checkpoint",
                                                                      "_load_zero_checkpoint")}
@@ -128,12 +131,12 @@ class AutoFreeze:
         if not self.num_frozen_blocks < num_frozen_blocks < self.num_blocks:
             raise ValueError(f"num_frozen_blocks must grow and leave a block trainable: "
                              f"{self.num_frozen_blocks} -> {num_frozen_blocks} of {self.num_blocks}")
+        if self.config.rescale_clipping:
+            self._rescale_clipping(self.num_frozen_blocks, num_frozen_blocks)
         if self.controller is not None:
             self.controller.release()  # its sums view the old partitions, which must be freed
         self.adapter.set_frozen(num_frozen_blocks)
         frozen = {id(p) for m in self.adapter.frozen_modules(num_frozen_blocks) for p in m.parameters()}
-        if self.config.rescale_clipping:
-            self._rescale_clipping(frozen)
         self.repartition_seconds.append(self.repartitioner.rebuild(frozen))
         if self.controller is not None:
             self.controller.bind(self.engine.optimizer)
@@ -141,19 +144,48 @@ class AutoFreeze:
         for listener in self.freeze_listeners:
             listener(num_frozen_blocks)
 
-    def _rescale_clipping(self, frozen: set[int]) -> None:
-        """Scale the clipping threshold by sqrt(the trainable share of the squared gradient norm), so the
+    def _rescale_clipping(self, old: int, new: int) -> None:
+        """Scale the clipping threshold by sqrt(the staying share of the squared gradient norm), so the
         blocks that stay are clipped as they were (config.rescale_clipping). Adam's second moments give
-        the shares: bias-corrected, they average each parameter's squared (clipped) gradient over the
-        run; clipping scales every parameter of a step alike, so the shares are those of the raw norm."""
+        the shares (config.rescale_from: as they are, or their change since the last decision);
+        clipping scales every parameter of a step alike, so the shares are those of the raw norm."""
         clip = self.repartitioner.gradient_clipping
         if clip <= 0:
             return
-        side = {id(p): int(id(p) not in frozen) for _, params in self.repartitioner.groups for p in params}
-        _, v, _, _ = adam_moments(self.repartitioner.layout, side, 2, [True, True])
-        if v is None or v[0] + v[1] <= 0:
+        reading = self._second_moments()
+        if reading is None:
             return  # no step yet, or no Adam state: nothing to say what full fine-tuning would clip
-        self.repartitioner.gradient_clipping = clip * math.sqrt(v[1] / (v[0] + v[1]))
+        step, v = reading
+        if self.config.rescale_from == "interval" and self._moments_at_decision is not None \
+                and self._moments_at_decision[0] < step:
+            # v_t - b2^K v_(t-K) = (1 - b2) sum_(i<K) b2^i g_(t-i)^2: the last K steps alone.
+            before, (_, b2) = self._moments_at_decision, self.repartitioner.layout.inner.param_groups[0]["betas"]
+            v = [now - b2 ** (step - before[0]) * then for now, then in zip(v, before[1])]
+        self._moments_at_decision = reading
+        staying, total = sum(v[new:]), sum(v[old:])
+        if total > 0 and staying > 0:
+            self.repartitioner.gradient_clipping = clip * math.sqrt(min(1.0, staying / total))
+
+    def _freeze_units(self) -> dict[int, int]:
+        """Parameter id -> freeze unit: unit b < num_blocks is what freezing b + 1 blocks adds (block b;
+        with block 0 the embeddings and shared modules), unit num_blocks what never freezes (the head)."""
+        units: dict[int, int] = {}
+        for b in range(self.num_blocks):
+            for module in self.adapter.frozen_modules(b + 1):
+                units.update({id(p): b for p in module.parameters() if id(p) not in units})
+        units.update({id(p): self.num_blocks for _, params in self.repartitioner.groups for p in params
+                      if id(p) not in units})
+        return units
+
+    def _second_moments(self) -> Optional[tuple[int, list[float]]]:
+        """Adam's step and the sum of its second moments per freeze unit, not bias-corrected (the
+        units share a step, so the shares are the same either way), summed over the ranks."""
+        n = self.num_blocks + 1
+        _, v, _, step = adam_moments(self.repartitioner.layout, self._units, n, [True] * n)
+        if v is None or step is None:
+            return None
+        b2 = self.repartitioner.layout.inner.param_groups[0]["betas"][1]
+        return step, [x * (1 - b2 ** step) for x in v]
 
     def pad_prefix_to(self, length: int, pad_id: int = 0) -> None:
         """Batches are padded to their own longest row (dynamic padding): run the frozen prefix at
@@ -181,6 +213,7 @@ class AutoFreeze:
                 "decider": self.controller.state_dict() if self.controller else {},
                 "cache": self.cache.manifest() if self.cache else None,
                 "gradient_clipping": self.repartitioner.gradient_clipping,
+                "moments_at_decision": self._moments_at_decision,
                 "config": self.config.model_dump(mode="json")}
 
     def close(self) -> None:
@@ -207,6 +240,9 @@ class AutoFreeze:
         step = self.engine.global_steps
         new = self.controller.decide(step, self.num_frozen_blocks)
         if new <= self.num_frozen_blocks:
+            if self.config.rescale_clipping and self.config.rescale_from == "interval" \
+                    and self.decider.is_decision_step(step) and self.repartitioner.gradient_clipping > 0:
+                self._moments_at_decision = self._second_moments()  # what the next freeze differences with
             return
         self.freeze(new)
         event = {"step": step, "frozen_blocks": new, "trainable_params": self.trainable_parameter_count(),
@@ -252,6 +288,8 @@ class AutoFreeze:
         self.freeze_events = state["freeze_events"]
         if self.config.rescale_clipping and "gradient_clipping" in state:  # as rescaled before the save
             self.repartitioner.gradient_clipping = state["gradient_clipping"]
+            if state.get("moments_at_decision"):  # summed over the ranks: valid on any world size
+                self._moments_at_decision = tuple(state["moments_at_decision"])
         if state.get("cache"):
             if self.cache is not None:
                 self._restore_cache(state["cache"])

@@ -30,11 +30,22 @@ def single_rank_env():
     yield
 
 
-def clip_rescale(opt: torch.optim.Optimizer, before: list) -> float:
+def clip_rescale(opt: torch.optim.Optimizer, before: list, previous: dict | None = None) -> float:
     """What ``rescale_clipping`` multiplies the clipping threshold by at a freeze, for a plain torch
-    Adam(W) reference: sqrt(the staying parameters' share of ``before``'s summed exp_avg_sq)."""
+    Adam(W) reference: sqrt(the staying parameters' share of ``before``'s summed exp_avg_sq), or with
+    ``previous`` (each parameter's exp_avg_sq at the last decision, ``rescale_from`` "interval") of its
+    change since: exp_avg_sq - b2^K previous, K the steps between."""
+    b2 = opt.param_groups[0]["betas"][1]
+
     def v(params):
-        return sum(opt.state[p]["exp_avg_sq"].double().sum().item() for p in params)
+        total = 0.0
+        for p in params:
+            state = opt.state[p]
+            now = state["exp_avg_sq"].double()
+            if previous is not None:
+                now = now - b2 ** (int(state["step"]) - previous["step"]) * previous[p].double()
+            total += now.sum().item()
+        return total
     return (v([p for p in before if p.requires_grad]) / v(before)) ** 0.5
 
 

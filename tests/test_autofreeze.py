@@ -41,17 +41,19 @@ def train(engine, af, data, on_step=None, seed=123):
     return losses
 
 
-def reference_losses(model, data, freeze_at: dict[int, int], lr=1e-3, rescale_clipping=False):
+def reference_losses(model, data, freeze_at: dict[int, int], lr=1e-3, rescale_clipping=False,
+                     decisions_every: int = 0):
     """Plain PyTorch: AdamW, global-norm clipping at 1.0, freeze (requires_grad off + eval) after the given
     steps; at each freeze the clipping threshold scales by sqrt(the staying parameters' share of the
-    trainable ones' summed exp_avg_sq), as ``rescale_clipping`` does."""
+    trainable ones' summed exp_avg_sq), as ``rescale_clipping`` does; with ``decisions_every``, of its
+    change since the last multiple of it (``rescale_from`` "interval")."""
     from ds_autofreeze.model_adapter import ModelAdapter
     adapter = ModelAdapter(model)
     groups = [{"params": [p for n, p in model.named_parameters() if "bias" not in n]},
               {"params": [p for n, p in model.named_parameters() if "bias" in n], "weight_decay": 0.0}]
     opt = torch.optim.AdamW(groups, lr=lr, weight_decay=0.01)
     model.train()
-    losses, clip = [], 1.0
+    losses, clip, previous = [], 1.0, None
     torch.manual_seed(123)
     for step, batch in enumerate(data, 1):
         loss = model(**batch).loss
@@ -60,11 +62,14 @@ def reference_losses(model, data, freeze_at: dict[int, int], lr=1e-3, rescale_cl
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        reading = {"step": step, **{p: opt.state[p]["exp_avg_sq"].clone() for p in trainable}}
         if step in freeze_at:
-            trainable = [p for p in model.parameters() if p.requires_grad]
             adapter.set_frozen(freeze_at[step])  # torch AdamW skips params whose grad stays None
             if rescale_clipping:
-                clip *= clip_rescale(opt, trainable)
+                clip *= clip_rescale(opt, trainable, previous)
+        if decisions_every and (step in freeze_at or step % decisions_every == 0):
+            previous = reading
     return losses
 
 
@@ -235,6 +240,27 @@ def test_attach_gradnorm_statistics_leave_training_untouched(stage):
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected), rtol=1e-5, atol=0)
 
 
+@pytest.mark.parametrize("stage", [0, 2])
+def test_attach_rescales_clipping_by_the_last_interval(stage):
+    """rescale_from "interval": the staying share of the squared gradients since the previous decision,
+    from the change of Adam's second moments (summed over ZeRO-2's partitions), as the reference
+    computes it per element; the first decision has nothing to difference with and uses the run's."""
+    def run(rescale_from):
+        engine, af, _ = make_engine(stage, autofreeze={"decider": {"name": "gradnorm", "interval_steps": 3},
+                                                       "rescale_from": rescale_from})
+        return train(engine, af, data), af.freeze_events
+
+    data = batches(30)
+    losses, events = run("interval")
+    assert len(events) >= 2 and events[0]["step"] > 3  # a freeze with an earlier decision to difference with
+    expected = reference_losses(tiny_bert(seed=0), data, {e["step"]: e["frozen_blocks"] for e in events},
+                                rescale_clipping=True, decisions_every=3)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected), rtol=1e-5, atol=0)
+    run_losses, run_events = run("run")
+    assert events[0]["step"] == run_events[0]["step"]  # the threshold moves at a freeze, not before
+    assert events[0]["gradient_clipping"] != run_events[0]["gradient_clipping"] and run_losses != losses
+
+
 def test_attach_gradnorm_freezes_with_gradient_accumulation():
     engine, af, model = make_engine(2, accum=2, autofreeze={"decider": {"name": "gradnorm", "interval_steps": 3}})
     data = batches(40)
@@ -249,21 +275,23 @@ def test_attach_gradnorm_freezes_with_gradient_accumulation():
 # gradients alternate over the first steps, interval SNR below zero on both estimators, -0.18 at step
 # 4; the moments' estimate turns positive at step 12, Adam's not within 24 steps, against v or the
 # recent scale.) Logging every statistic, the log holds the recent gradient scale: carried over the
-# freeze's optimizer rebuild, and saved and restored with the checkpoint.
-@pytest.mark.parametrize("stage,decider,log_statistics", [
-    (1, {"name": "gradnorm", "interval_steps": 4}, False),
-    (1, {"name": "snr", "estimator": "moments", "interval_steps": 4, "z": 100.0, "arm": 0.01}, False),
-    (0, {"name": "gradnorm", "interval_steps": 4}, False),
-    (2, {"name": "gradnorm", "interval_steps": 4}, True)])
-def test_attach_checkpoint_resume_is_bit_identical(tmp_path, stage, decider, log_statistics):
+# freeze's optimizer rebuild, and saved and restored with the checkpoint. rescale_from "interval": the
+# second moments at the last decision before the save are restored for the next freeze's difference.
+@pytest.mark.parametrize("stage,decider,log_statistics,rescale_from", [
+    (1, {"name": "gradnorm", "interval_steps": 4}, False, "run"),
+    (1, {"name": "snr", "estimator": "moments", "interval_steps": 4, "z": 100.0, "arm": 0.01}, False, "run"),
+    (0, {"name": "gradnorm", "interval_steps": 4}, False, "interval"),
+    (2, {"name": "gradnorm", "interval_steps": 4}, True, "run")])
+def test_attach_checkpoint_resume_is_bit_identical(tmp_path, stage, decider, log_statistics, rescale_from):
     # ZeRO-0 keeps the rescaled clipping threshold only in AutoFreeze's own state (ZeRO-1/2 also in theirs).
-    af_config = {"total_steps": 24, "decider": decider, "rescale_clipping": True, "log_statistics": log_statistics}
+    af_config = {"total_steps": 24, "decider": decider, "rescale_clipping": True, "log_statistics": log_statistics,
+                 "rescale_from": rescale_from}
     data = batches(24)
     engine, af, model = make_engine(stage, autofreeze=af_config)
-    saved = {}
+    saved, save_at = {}, 10 if rescale_from == "interval" else 14
 
     def save(step):
-        if step == 14:  # mid-interval, after at least one freeze
+        if step == save_at:  # mid-interval, after at least one freeze
             engine.save_checkpoint(str(tmp_path), tag="mid")
             saved.update(frozen=af.num_frozen_blocks, rng=torch.get_rng_state())
 
@@ -273,10 +301,14 @@ def test_attach_checkpoint_resume_is_bit_identical(tmp_path, stage, decider, log
 
     resumed, af2, model2 = make_engine(stage, autofreeze=af_config, seed=7)  # different init: everything from disk
     resumed.load_checkpoint(str(tmp_path), tag="mid")
-    assert af2.num_frozen_blocks == saved["frozen"] and resumed.global_steps == 14
+    assert af2.num_frozen_blocks == saved["frozen"] and resumed.global_steps == save_at
     torch.set_rng_state(saved["rng"])
-    assert train(resumed, af2, data[14:], seed=None) == losses[14:]
-    assert af2.freeze_events == af.freeze_events and af2.decider.log == af.decider.log
+    assert train(resumed, af2, data[save_at:], seed=None) == losses[save_at:]
+    def untimed(events):
+        return [{k: v for k, v in e.items() if k != "repartition_seconds"} for e in events]
+    assert untimed(af2.freeze_events) == untimed(af.freeze_events) and af2.decider.log == af.decider.log
+    if rescale_from == "interval":
+        assert af.freeze_events[-1]["step"] > save_at  # its threshold came from the restored moments
     if log_statistics:
         assert all(r["stats"]["grad_sq_recent"][-1] > 0 for r in af.decider.log)
     for name, p in model2.named_parameters():
