@@ -99,7 +99,9 @@ class SNRConfig(_IntervalDeciderBase):
     of the learning-rate warmup). A block that never showed signal is not "converged" but unmeasured
     (pure noise, too-short intervals), and stays trainable."""
     window: int = Field(3, ge=1)
-    """Decisions whose per-step SNR estimates are averaged for each decision."""
+    """Decisions whose per-step SNR estimates are averaged for each decision; only estimates whose
+    statistic starts after the learning-rate warmup count (the interval's K steps, or Adam's
+    1 / (1 - b1) steps past it), so a block freezes ``window`` such decisions after it at the earliest."""
     confidence: float = Field(1.0, ge=0.0)
     """Standard errors of that average added before comparing (an upper bound: what is left to learn
     is more likely over- than underestimated)."""

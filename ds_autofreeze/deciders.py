@@ -217,7 +217,10 @@ class SNRDecider(IntervalDecider):
     that is where fine-tuning shows its signal most, and a few steps either side of the one decision
     step that falls there decided whether a run could ever freeze (IMDb seed 43, span x snr of block 0:
     0.26 at step 18, 1.95 at step 20; docs/deciders.md). Blocks freeze as a prefix after ``patience``
-    consecutive done decisions, never during the learning-rate warmup.
+    consecutive done decisions, never during the learning-rate warmup, and the window averages only
+    estimates whose statistic starts after it: an interval that began in the warmup, or Adam's ratio
+    less than 1 / (1 - b1) steps after it, still carries the warmup's transient (a 62-step run froze 2
+    blocks at step 9, its window's estimates from steps 3, 6 and 9: docs/deciders.md).
     """
 
     config: SNRConfig
@@ -249,10 +252,12 @@ class SNRDecider(IntervalDecider):
         """Arm the trainable blocks whose signal ``stats`` shows (module doc)."""
         for b in range(boundary, self.num_blocks):
             s = self.snr(stats, b)
-            if s is not None:
-                span = stats.steps if self.config.estimator == "moments" else 1.0 / (1.0 - stats.adam_beta1)
-                if self.armed_at[b] is None and span * s >= self.config.arm:
-                    self.armed_at[b] = stats.step
+            if s is not None and self.armed_at[b] is None and self.span(stats) * s >= self.config.arm:
+                self.armed_at[b] = stats.step
+
+    def span(self, stats: BlockStats) -> float:
+        """The steps one estimate stands for: the interval's K, or Adam's 1 / (1 - b1)."""
+        return stats.steps if self.config.estimator == "moments" else 1.0 / (1.0 - stats.adam_beta1)
 
     def snr(self, stats: BlockStats, block: int) -> Optional[float]:
         if self.config.estimator == "moments":
@@ -268,12 +273,18 @@ class SNRDecider(IntervalDecider):
             return None
         self.arm(boundary, stats)
         cfg, bounds = self.config, []
+        # An estimate whose statistic remembers the warmup (its interval started there, or Adam's
+        # average still weighs it by more than b1^span) carries the warmup's transient: not averaged.
+        settled = step - self.warmup_steps >= self.span(stats)
         for b, s in zip(range(boundary, self.num_blocks), snrs):
-            self.recent[b] = (self.recent[b] + [s])[-cfg.window:]
+            if settled:
+                self.recent[b] = (self.recent[b] + [s])[-cfg.window:]
             bounds.append(_upper_mean(self.recent[b], cfg.confidence) if len(self.recent[b]) == cfg.window else None)
         record.update(snr=[None] * boundary + [float(f"{s:.4g}") for s in snrs],
                       snr_upper=[None] * boundary + [None if u is None else float(f"{u:.4g}") for u in bounds],
                       future_steps=float(f"{future:.4g}"), armed=self.armed)
+        if not settled:
+            record["settling"] = True
         return [self.armed_at[b] is not None and u is not None and future * u < cfg.z ** 2
                 for b, u in zip(range(boundary, self.num_blocks), bounds)]
 
@@ -281,9 +292,12 @@ class SNRDecider(IntervalDecider):
         at = self.armed_at[0]
         if at is None:
             return f": it never showed a measurable signal (span x snr >= decider.arm = {self.config.arm})"
-        return (f" (armed {f'at step {at}' if at else 'before its checkpoint'}): what the rest of the run could "
-                f"still add to it never stayed below the noise (z = {self.config.z}) for {self.config.patience} "
-                f"consecutive decision(s)")
+        armed = f"armed at step {at}" if at else "armed before its checkpoint"
+        if all(not r.get("snr_upper") or r["snr_upper"][0] is None for r in self.log):
+            return (f" ({armed}): the run ended before {self.config.window} decision(s) whose statistics "
+                    f"start after the warmup (decider.window)")
+        return (f" ({armed}): what the rest of the run could still add to it never stayed below the noise "
+                f"(z = {self.config.z}) for {self.config.patience} consecutive decision(s)")
 
     def state_dict(self) -> dict[str, Any]:
         # "armed" (the flags alone) too: code from before armed_at reads only that key, and would

@@ -219,6 +219,22 @@ def test_snr_arms_on_a_warmup_step_between_decisions():
         assert decider.armed == [warmup_reads] * 2
 
 
+def test_snr_window_skips_estimates_that_remember_the_warmup():
+    """A 62-step run (warmup 4, a decision every 3 steps) armed at step 2 and read "done" from then on
+    froze at step 9, on Adam's ratio at steps 3, 6 and 9, whose averages are mostly the warmup's. Only
+    estimates 1 / (1 - b1) = 10 steps past the warmup count: the window fills at steps 15, 18, 21."""
+    decider = build_decider(SNRConfig(interval_steps=3, min_trainable=1), 2, 62, warmup_steps=4)
+    boundary, frozen_at = 0, None
+    for step in range(1, 63):
+        stats = adam_read(step, 0.9 if step == 2 else 0.0, lr_left=62 - step) \
+            if decider.is_decision_step(step) or decider.reads_between(step) else None
+        boundary = decider.decide(step, boundary, stats)
+        if boundary and frozen_at is None:
+            frozen_at = step
+    assert decider.armed_at == [2, 2] and frozen_at == 21
+    assert [r["step"] for r in decider.log if r.get("settling")] == [3, 6, 9, 12]
+
+
 def test_snr_keeps_the_step_each_block_armed_at_and_says_why_nothing_froze():
     config = SNRConfig(interval_steps=8, min_trainable=1, z=0.01)  # z: no block is ever done
     decider = build_decider(config, 3, 80, warmup_steps=10)
@@ -230,7 +246,11 @@ def test_snr_keeps_the_step_each_block_armed_at_and_says_why_nothing_froze():
         decider.decide(step, 0, adam_read(step, 0.5, num_blocks=3))
     assert decider.armed_at == [3, 5, 3]  # the first step a block armed at is kept
     assert decider.none_frozen() == "snr: no decision could freeze (inside the learning-rate warmup)"
-    decider.decide(16, 0, adam_read(16, 0.5, num_blocks=3))
+    decider.decide(16, 0, adam_read(16, 0.5, num_blocks=3))  # 6 steps past the warmup: Adam's average still in it
+    assert decider.none_frozen() == ("snr: no decision found block 0 safe to freeze (armed at step 3): the run ended "
+                                     "before 3 decision(s) whose statistics start after the warmup (decider.window)")
+    for step in (24, 32, 40):
+        decider.decide(step, 0, adam_read(step, 0.5, num_blocks=3))
     assert decider.none_frozen() == ("snr: no decision found block 0 safe to freeze (armed at step 3): what the rest "
                                      "of the run could still add to it never stayed below the noise (z = 0.01) for "
                                      "1 consecutive decision(s)")
