@@ -275,7 +275,7 @@ class SNRDecider(IntervalDecider):
         cfg, bounds = self.config, []
         # An estimate whose statistic remembers the warmup (its interval started there, or Adam's
         # average still weighs it by more than b1^span) carries the warmup's transient: not averaged.
-        settled = step - self.warmup_steps >= self.span(stats)
+        settled = step - self.warmup_steps >= self.span(stats) - 1e-9  # 1 / (1 - 0.9) is 10.000000000000002
         for b, s in zip(range(boundary, self.num_blocks), snrs):
             if settled:
                 self.recent[b] = (self.recent[b] + [s])[-cfg.window:]

@@ -233,6 +233,9 @@ def test_snr_window_skips_estimates_that_remember_the_warmup():
             frozen_at = step
     assert decider.armed_at == [2, 2] and frozen_at == 21
     assert [r["step"] for r in decider.log if r.get("settling")] == [3, 6, 9, 12]
+    five = build_decider(SNRConfig(interval_steps=3, min_trainable=1), 2, 62, warmup_steps=5)
+    five.decide(15, 0, adam_read(15, 0.0, lr_left=47))  # exactly 1 / (1 - b1) steps past the warmup
+    assert "settling" not in five.log[-1]
 
 
 def test_snr_keeps_the_step_each_block_armed_at_and_says_why_nothing_froze():
