@@ -14,7 +14,8 @@
   freeze did before ``rescale_clipping``), rescaled as ``rescale_clipping`` does by default (by the
   staying share of the squared clipped gradient before the freeze, which Adam's second moments
   average), and rescaled by that share over the last decision interval only (``rescale_from``
-  "interval": the run's steps / 20, the shipped ``num_intervals``). The "energy" ratio is that of the staying parameters' summed squared clipped gradients after the freeze.
+  "interval": the run's steps / 20, the shipped ``num_intervals``). The "energy" ratio is that of the
+  staying parameters' summed squared clipped gradients after the freeze.
   Prints a table and writes bench/results/decider_study/clipping.json.
 """
 from __future__ import annotations

@@ -159,8 +159,8 @@ class AutoFreeze:
         if self.config.rescale_from == "interval" and self._moments_at_decision is not None \
                 and self._moments_at_decision[0] < step:
             # v_t - b2^K v_(t-K) = (1 - b2) sum_(i<K) b2^i g_(t-i)^2: the last K steps alone.
-            before, (_, b2) = self._moments_at_decision, self.repartitioner.layout.inner.param_groups[0]["betas"]
-            v = [now - b2 ** (step - before[0]) * then for now, then in zip(v, before[1])]
+            (then_step, then), b2 = self._moments_at_decision, self._adam_beta2()
+            v = [now - b2 ** (step - then_step) * old_v for now, old_v in zip(v, then)]
         self._moments_at_decision = reading
         staying, total = sum(v[new:]), sum(v[old:])
         if total > 0 and staying > 0:
@@ -184,8 +184,10 @@ class AutoFreeze:
         _, v, _, step = adam_moments(self.repartitioner.layout, self._units, n, [True] * n)
         if v is None or step is None:
             return None
-        b2 = self.repartitioner.layout.inner.param_groups[0]["betas"][1]
-        return step, [x * (1 - b2 ** step) for x in v]
+        return step, [x * (1 - self._adam_beta2() ** step) for x in v]
+
+    def _adam_beta2(self) -> float:
+        return self.repartitioner.layout.inner.param_groups[0]["betas"][1]
 
     def pad_prefix_to(self, length: int, pad_id: int = 0) -> None:
         """Batches are padded to their own longest row (dynamic padding): run the frozen prefix at
