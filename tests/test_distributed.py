@@ -70,17 +70,18 @@ def _train(engine, af, data, on_step=None) -> list[dict]:
     return records
 
 
-def _ddp_reference(rank: int, data, freeze_at: dict[int, int]) -> list[float]:
+def _ddp_reference(rank: int, data, freeze_at: dict[int, int], decisions_every: int = 0) -> list[float]:
     """Plain PyTorch DDP: AdamW, accumulation under no_sync, global-norm clipping at CLIP, and at
     the given steps the prefix frozen (requires_grad off + eval), the threshold rescaled (the
     default ``rescale_clipping``; DeepSpeed sums the ranks' partitions of the moments, DDP holds
-    them whole) and DDP rebuilt over the rest."""
+    them whole; with ``decisions_every``, by their change since the last decision: ``rescale_from``
+    "interval") and DDP rebuilt over the rest."""
     from torch.nn.parallel import DistributedDataParallel as DDP
     from ds_autofreeze.model_adapter import ModelAdapter
     model = tiny_bert()
     adapter = ModelAdapter(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
-    ddp, losses, clip = DDP(model), [], CLIP
+    ddp, losses, clip, previous = DDP(model), [], CLIP, None
     model.train()
     torch.manual_seed(123)
     for i, batch in enumerate(data):
@@ -99,10 +100,13 @@ def _ddp_reference(rank: int, data, freeze_at: dict[int, int]) -> list[float]:
             opt.step()
             opt.zero_grad(set_to_none=True)
             step = (i + 1) // ACCUM
+            reading = {"step": step, **{p: opt.state[p]["exp_avg_sq"].clone() for p in trainable}}
             if step in freeze_at:
                 adapter.set_frozen(freeze_at[step])
-                clip *= clip_rescale(opt, trainable)
+                clip *= clip_rescale(opt, trainable, previous)
                 ddp = DDP(model)  # DDP's reducer is built for a fixed set of trainable parameters
+            if decisions_every and (step in freeze_at or step % decisions_every == 0):
+                previous = reading
     return losses
 
 
@@ -166,6 +170,25 @@ def test_two_ranks(stage, bf16, tmp_path):
         if r["reference"] is not None:
             losses = torch.tensor([rec["loss"] for rec in r["records"]], dtype=torch.float64)
             torch.testing.assert_close(losses, torch.tensor(r["reference"], dtype=torch.float64), rtol=1e-5, atol=0)
+
+
+def interval_rescale_run(rank: int, world: int, stage: int) -> dict:
+    engine, af = _engine(stage, {"decider": {"name": "gradnorm", "interval_steps": 2}, "rescale_from": "interval"})
+    data = batches(24, seed=rank + 1)  # 12 optimizer steps
+    torch.manual_seed(123)
+    losses = [r["loss"] for r in _train(engine, af, data)]
+    freeze_at = {e["step"]: e["frozen_blocks"] for e in af.freeze_events}
+    return {"losses": losses, "freeze_at": freeze_at, "reference": _ddp_reference(rank, data, freeze_at, 2)}
+
+
+def test_two_ranks_rescale_clipping_by_the_last_interval():
+    """rescale_from "interval" on ZeRO-2: the change of Adam's second moments since the last decision,
+    summed over the ranks' partitions, rescales the threshold as DDP's whole moments say."""
+    r0, r1 = run_ranks(interval_rescale_run, 2, 2)
+    assert r0["freeze_at"] == r1["freeze_at"] and min(r0["freeze_at"]) > 2  # a decision to difference with
+    for r in (r0, r1):
+        torch.testing.assert_close(torch.tensor(r["losses"], dtype=torch.float64),
+                                   torch.tensor(r["reference"], dtype=torch.float64), rtol=1e-5, atol=0)
 
 
 def zero3_gathers(rank: int, world: int, cache_dir: str | None, replicate: bool) -> dict:
