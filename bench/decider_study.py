@@ -11,7 +11,9 @@ Tasks (the settings of bench/compare.py and bench/tasks.py, MiniLM-L6): ``imdb``
 setting was chosen; ``rt``, held out from that choice: the packaged Rotten Tomatoes sentences (one-sentence
 reviews, another source and length than IMDb's; 6,530 / 2,000, 64 tokens, 2 epochs, 408 steps), given
 to the launcher as CSV files, as a user's data would be, and ``rt-short``, its first 1,000 training
-sentences (62 steps: a short run).
+sentences (62 steps: a short run); ``mpnet``, only when named: the 12-block all-mpnet-base-v2
+(``bash bench/setup_mpnet.sh`` first) on bench/mpnet.py's CPU setting (IMDb 2,000 / 2,000, 128 tokens,
+2 epochs, 124 steps), where the question is how many of 12 blocks can go how early.
 
 - watch: ``launch/finetune.py`` with the ``snr`` decider told never to freeze (``min_trainable`` = all
   blocks) and ``log_statistics`` on: full fine-tuning, with every statistic (gradient moments, Adam's
@@ -69,11 +71,16 @@ TASKS: dict[str, dict[str, Any]] = {
            "source": "rotten_tomatoes"},
     "rt-short": {"sizes": (1000, 2000, 2), "seq": 64, "interval": 2, "metric": "eval_accuracy", "task": None,
                  "source": "rotten_tomatoes"},
+    # The 12-block model (bench/mpnet.py's CPU setting): only when named, as it needs bench/setup_mpnet.sh.
+    "mpnet": {"sizes": (2000, 2000, 2), "seq": 128, "interval": 3, "metric": "eval_accuracy", "task": None,
+              "source": "imdb", "model": "mpnet", "blocks": 12},
 }
+DEFAULT_TASKS = [t for t in TASKS if "model" not in TASKS[t]]
+MPNET_DIR = os.environ.get("MPNET_DIR", os.path.expanduser("~/.cache/ds_autofreeze/all-mpnet-base-v2"))
 SAVE_FRACTION = 0.1  # watch runs checkpoint every tenth of the run (launch/finetune.py --save_steps 0.1)
 FRACTIONS = [0.1, 0.2, 0.4, 0.6, 0.8]
 RESUME_BLOCKS = [2, 4]
-NUM_BLOCKS = 6
+NUM_BLOCKS = 6  # MiniLM-L6's; a task with another model names its own ("blocks")
 
 
 def base_config() -> dict:
@@ -93,9 +100,14 @@ def task_args(task: str, seed: int, out: str) -> tuple[argparse.Namespace, list[
     args = argparse.Namespace(max_train_samples=train, max_eval_samples=evaluate, max_seq_length=spec["seq"],
                               num_train_epochs=epochs, seed=seed, out=out, reuse=False)
     data = os.path.join(OUT, "data")
+    model: list[str] = []
+    if spec.get("model") == "mpnet":
+        if not os.path.isfile(os.path.join(MPNET_DIR, "model.safetensors")):
+            raise SystemExit(f"{MPNET_DIR}: no MPNet model (run bash bench/setup_mpnet.sh, or set MPNET_DIR)")
+        model = ["--model_name_or_path", MPNET_DIR, "--ignore_mismatched_sizes"]  # a fresh head
     if "source" in spec:
         train_file, dev_file = write_data(os.path.join(data, task), train, evaluate, spec["source"])
-        return args, ["--train_file", train_file, "--validation_file", dev_file]
+        return args, [*model, "--train_file", train_file, "--validation_file", dev_file]
     if spec["task"] is None:
         return args, []
     build, ext, launch_args = TASK_SETTINGS[spec["task"]]
@@ -106,6 +118,10 @@ def task_args(task: str, seed: int, out: str) -> tuple[argparse.Namespace, list[
         build(train_reviews, train, 42, paths[0])  # the data is the same for every seed
         build(held_out, evaluate, 43, paths[1])
     return args, ["--task", spec["task"], "--train_file", paths[0], "--validation_file", paths[1], *launch_args]
+
+
+def num_blocks(task: str) -> int:
+    return TASKS[task].get("blocks", NUM_BLOCKS)
 
 
 def run_dir(task: str, seed: int) -> str:
@@ -120,7 +136,7 @@ def watch(tasks: list[str], seeds: list[int]) -> None:
                 print(f"[{task} seed {seed}] watch: done before ({summary})")
                 continue
             af = {"log_statistics": True, "probe_examples": 64,
-                  "decider": {"name": "snr", "interval_steps": TASKS[task]["interval"], "min_trainable": NUM_BLOCKS}}
+                  "decider": {"name": "snr", "interval_steps": TASKS[task]["interval"], "min_trainable": num_blocks(task)}}
             done = os.path.join(run_dir(task, seed), "watch", "all_results.json")
             if os.path.isfile(done):  # an interrupted study: the run itself finished
                 with open(done) as f:
@@ -397,7 +413,7 @@ def replay_all(tasks: list[str]) -> dict[str, Any]:
                     watch_run = json.load(f)
                 total = watch_run["train_steps"]
                 warmup = round(0.06 * total)  # the bench configs' warmup_num_steps
-                events = replay(watch_run["decisions"], total, warmup, config)
+                events = replay(watch_run["decisions"], total, warmup, config, num_blocks(task))
                 epoch = total // TASKS[task]["sizes"][2]
                 rows[label]["runs"][f"{task}/{seed}"] = {
                     "events": events, "speedup": round(estimated_speedup(events, total, epoch), 3),
@@ -428,13 +444,13 @@ def main() -> None:
     sub = p.add_subparsers(dest="command", required=True)
     for name in ("watch", "resume"):
         s = sub.add_parser(name)
-        s.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+        s.add_argument("--tasks", nargs="+", default=DEFAULT_TASKS, choices=list(TASKS))
         s.add_argument("--seeds", nargs="+", type=int, default=SEEDS)
         if name == "resume":
             s.add_argument("--fractions", nargs="+", type=float, default=FRACTIONS)
             s.add_argument("--blocks", nargs="+", type=int, default=RESUME_BLOCKS)
     s = sub.add_parser("confirm")
-    s.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    s.add_argument("--tasks", nargs="+", default=DEFAULT_TASKS, choices=list(TASKS))
     s.add_argument("--seeds", nargs="+", type=int, default=SEEDS)
     s.add_argument("--name", required=True, help="names the runs and confirm-NAME.json")
     s.add_argument("--decider", type=json.loads, default=None,
@@ -443,7 +459,7 @@ def main() -> None:
                    help='other keys of the "autofreeze" section as JSON, e.g. \'{"rescale_clipping": false}\'')
     for name in ("replay", "scale"):
         s = sub.add_parser(name)
-        s.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+        s.add_argument("--tasks", nargs="+", default=DEFAULT_TASKS, choices=list(TASKS))
         if name == "replay":
             s.add_argument("--resume_dir", default=None,
                            help="the resume runs that score the replays (default: --out), e.g. watch runs made "
