@@ -64,7 +64,6 @@ class AutoFreeze:
         self.freeze_listeners: list[Callable[[int], None]] = []
         self._cache_manifest: Optional[dict] = None  # from a checkpoint loaded before a cache was attached
         # rescale_from "interval": Adam's step and second moments per freeze unit at the last decision.
-        self._units = self._freeze_units()
         self._moments_at_decision: Optional[tuple[int, list[float]]] = None
         self._step = engine.global_steps
         self._originals = {name: getattr(engine, name) for name in ("save_checkpoint", "load_checkpoint",
@@ -166,6 +165,7 @@ class AutoFreeze:
         if total > 0 and staying > 0:
             self.repartitioner.gradient_clipping = clip * math.sqrt(min(1.0, staying / total))
 
+    @functools.cached_property
     def _freeze_units(self) -> dict[int, int]:
         """Parameter id -> freeze unit: unit b < num_blocks is what freezing b + 1 blocks adds (block b;
         with block 0 the embeddings and shared modules), unit num_blocks what never freezes (the head)."""
@@ -181,7 +181,7 @@ class AutoFreeze:
         """Adam's step and the sum of its second moments per freeze unit, not bias-corrected (the
         units share a step, so the shares are the same either way), summed over the ranks."""
         n = self.num_blocks + 1
-        _, v, _, step = adam_moments(self.repartitioner.layout, self._units, n, [True] * n)
+        _, v, _, step = adam_moments(self.repartitioner.layout, self._freeze_units, n, [True] * n)
         if v is None or step is None:
             return None
         return step, [x * (1 - self._adam_beta2() ** step) for x in v]
