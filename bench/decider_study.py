@@ -25,10 +25,11 @@ sentences (62 steps: a short run); ``mpnet``, only when named: the 12-block all-
 - replay: feeds each watch run's logged statistics (merged to each decider's interval) through every
   decider setting of the grid, giving each setting's freeze schedule on each run; scores them with the
   resume grid (estimated accuracy cost) and a step-time model (estimated speedup); prints a table and
-  writes replay.json. It decides at the multiple of the logged interval nearest to the setting's
-  interval, so it is exact up to a setting's first freeze only where that multiple is the setting's
-  own interval (later, real statistics would differ: frozen blocks change what the trainable ones
-  see); otherwise it samples the same run at other steps (docs/deciders.md).
+  writes replay.json (replay-TASK.json for tasks named apart from the default set). It decides at the
+  multiple of the logged interval nearest to the setting's interval, so it is exact up to a setting's
+  first freeze only where that multiple is the setting's own interval (later, real statistics would
+  differ: frozen blocks change what the trainable ones see); otherwise it samples the same run at
+  other steps (docs/deciders.md).
 - scale: per watch run, each block's recent gradient scale against Adam's v over the run, and the
   adam estimator's per-step SNR against each (what ``adam_reference`` changes; prints, writes
   scale.json). Watch runs from before the recent scale was logged are skipped.
@@ -136,7 +137,8 @@ def watch(tasks: list[str], seeds: list[int]) -> None:
                 print(f"[{task} seed {seed}] watch: done before ({summary})")
                 continue
             af = {"log_statistics": True, "probe_examples": 64,
-                  "decider": {"name": "snr", "interval_steps": TASKS[task]["interval"], "min_trainable": num_blocks(task)}}
+                  "decider": {"name": "snr", "interval_steps": TASKS[task]["interval"],
+                              "min_trainable": num_blocks(task)}}
             done = os.path.join(run_dir(task, seed), "watch", "all_results.json")
             if os.path.isfile(done):  # an interrupted study: the run itself finished
                 with open(done) as f:
@@ -253,16 +255,19 @@ def _interp(table: dict[float, float], x: float) -> float:
     return table[lo] if lo == hi else table[lo] + (table[hi] - table[lo]) * (x - lo) / (hi - lo)
 
 
-def estimated_speedup(events: list[tuple[int, int]], total: int, steps_per_epoch: int, cache: bool = True) -> float:
+def estimated_speedup(events: list[tuple[int, int]], total: int, steps_per_epoch: int, cache: bool = True,
+                      num_blocks: int = NUM_BLOCKS) -> float:
     """Full run time over the schedule's, from STEP_TIME: after a freeze, an example's frozen prefix
-    runs until the cache has it (the next epoch at the latest), then is served."""
+    runs until the cache has it (the next epoch at the latest), then is served. Another model's k of
+    ``num_blocks`` is read as the same share of MiniLM's 6 (a rough model: its blocks' share of the
+    step is not MiniLM's)."""
     boundary, moved_at, time = 0, 0, 0.0
     pending = list(events)
     for step in range(1, total + 1):
         if pending and step > pending[0][0]:
             moved_at, boundary = pending.pop(0)
         filling = not cache or step - moved_at <= steps_per_epoch
-        time += _interp(STEP_TIME["run" if filling else "cached"], boundary)
+        time += _interp(STEP_TIME["run" if filling else "cached"], boundary * NUM_BLOCKS / num_blocks)
     return total / time
 
 
@@ -415,8 +420,9 @@ def replay_all(tasks: list[str]) -> dict[str, Any]:
                 warmup = round(0.06 * total)  # the bench configs' warmup_num_steps
                 events = replay(watch_run["decisions"], total, warmup, config, num_blocks(task))
                 epoch = total // TASKS[task]["sizes"][2]
+                speedup = estimated_speedup(events, total, epoch, num_blocks=num_blocks(task))
                 rows[label]["runs"][f"{task}/{seed}"] = {
-                    "events": events, "speedup": round(estimated_speedup(events, total, epoch), 3),
+                    "events": events, "speedup": round(speedup, 3),
                     "cost": estimated_cost(events, total, resume_grid(task, seed))}
     return rows
 
@@ -479,7 +485,9 @@ def main() -> None:
     elif args.command == "replay":
         rows = replay_all(args.tasks)
         print_replay(rows)
-        with open(os.path.join(OUT, "replay.json"), "w") as f:
+        # The default tasks' replay is replay.json; another set of tasks gets its own file.
+        name = "replay" if args.tasks == DEFAULT_TASKS else "-".join(["replay", *args.tasks])
+        with open(os.path.join(OUT, f"{name}.json"), "w") as f:
             json.dump(rows, f, indent=1)
     elif args.command == "scale":
         with open(os.path.join(OUT, "scale.json"), "w") as f:
