@@ -356,6 +356,8 @@ GRID: list[dict[str, Any]] = [
       for n in (10, 20)),
     *({"name": "snr", "estimator": "adam", "z": z, "min_trainable": m} for z in (0.5, 0.7, 1.0, 2.0) for m in (2, 3, 4)),
     *({"name": "drift", "tolerance": t, "min_trainable": 2} for t in (0.01, 0.02, 0.05)),
+    # The shipped setting with its arm gate loosened (the 12-block model's first blocks never arm at 1).
+    *({"name": "snr", "estimator": "adam", "arm": a, "min_trainable": m} for a in (1.0, 0.5, 0.25) for m in (0.67, 4)),
     # Adam's ratio against the recent gradient scale, not v (``scale`` below), at the shipped share.
     *({"name": "snr", "estimator": "adam", "adam_reference": "recent", "z": z, "arm": a, "min_trainable": 0.67}
       for z in (0.5, 1.0, 2.0) for a in (0.25, 0.5, 1.0)),
