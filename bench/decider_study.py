@@ -110,7 +110,7 @@ def task_args(task: str, seed: int, out: str) -> tuple[argparse.Namespace, list[
         train_file, dev_file = write_data(os.path.join(data, task), train, evaluate, spec["source"])
         return args, [*model, "--train_file", train_file, "--validation_file", dev_file]
     if spec["task"] is None:
-        return args, []
+        return args, model
     build, ext, launch_args = TASK_SETTINGS[spec["task"]]
     os.makedirs(data, exist_ok=True)
     paths = [os.path.join(data, f"{task}_{split}.{ext}") for split in ("train", "dev")]
@@ -118,7 +118,8 @@ def task_args(task: str, seed: int, out: str) -> tuple[argparse.Namespace, list[
         train_reviews, held_out = packaged_split()
         build(train_reviews, train, 42, paths[0])  # the data is the same for every seed
         build(held_out, evaluate, 43, paths[1])
-    return args, ["--task", spec["task"], "--train_file", paths[0], "--validation_file", paths[1], *launch_args]
+    return args, [*model, "--task", spec["task"], "--train_file", paths[0], "--validation_file", paths[1],
+                  *launch_args]
 
 
 def num_blocks(task: str) -> int:
