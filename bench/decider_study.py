@@ -53,7 +53,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 from compare import load_config, run_one, write_config  # noqa: E402
-from mpnet import write_data  # noqa: E402
+from mpnet import MPNET_DIR, require_model, write_data  # noqa: E402
 from tasks import SETTINGS as TASK_SETTINGS  # noqa: E402
 
 from ds_autofreeze.data import packaged_split  # noqa: E402
@@ -77,7 +77,6 @@ TASKS: dict[str, dict[str, Any]] = {
               "source": "imdb", "model": "mpnet", "blocks": 12},
 }
 DEFAULT_TASKS = [t for t in TASKS if "model" not in TASKS[t]]
-MPNET_DIR = os.environ.get("MPNET_DIR", os.path.expanduser("~/.cache/ds_autofreeze/all-mpnet-base-v2"))
 SAVE_FRACTION = 0.1  # watch runs checkpoint every tenth of the run (launch/finetune.py --save_steps 0.1)
 FRACTIONS = [0.1, 0.2, 0.4, 0.6, 0.8]
 RESUME_BLOCKS = [2, 4]
@@ -103,9 +102,7 @@ def task_args(task: str, seed: int, out: str) -> tuple[argparse.Namespace, list[
     data = os.path.join(OUT, "data")
     model: list[str] = []
     if spec.get("model") == "mpnet":
-        if not os.path.isfile(os.path.join(MPNET_DIR, "model.safetensors")):
-            raise SystemExit(f"{MPNET_DIR}: no MPNet model (run bash bench/setup_mpnet.sh, or set MPNET_DIR)")
-        model = ["--model_name_or_path", MPNET_DIR, "--ignore_mismatched_sizes"]  # a fresh head
+        model = ["--model_name_or_path", require_model(MPNET_DIR), "--ignore_mismatched_sizes"]  # a fresh head
     if "source" in spec:
         train_file, dev_file = write_data(os.path.join(data, task), train, evaluate, spec["source"])
         return args, [*model, "--train_file", train_file, "--validation_file", dev_file]

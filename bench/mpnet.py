@@ -41,6 +41,16 @@ DECIDERS = {
 }
 
 
+MPNET_DIR = os.environ.get("MPNET_DIR", os.path.expanduser("~/.cache/ds_autofreeze/all-mpnet-base-v2"))
+
+
+def require_model(directory: str) -> str:
+    """``directory``, if it holds the MPNet model; else exit saying how to install it."""
+    if not os.path.isfile(os.path.join(directory, "model.safetensors")):
+        raise SystemExit(f"{directory}: no MPNet model (run bash bench/setup_mpnet.sh, or set MPNET_DIR)")
+    return directory
+
+
 def write_data(directory: str, train: int, evaluate: int, source: str = "imdb") -> tuple[str, str]:
     """A packaged split (its first rows; ds_autofreeze.data.packaged_split) as train.csv / dev.csv with
     columns text, label."""
@@ -74,8 +84,7 @@ def main() -> None:
     p = bench_parser(__doc__, "mpnet")
     p.set_defaults(max_train_samples=2000, max_eval_samples=2000, num_train_epochs=2)
     p.add_argument("--seeds", nargs="+", type=int, default=[42])
-    p.add_argument("--model_dir", default=os.environ.get("MPNET_DIR", os.path.expanduser(
-        "~/.cache/ds_autofreeze/all-mpnet-base-v2")))
+    p.add_argument("--model_dir", default=MPNET_DIR)
     p.add_argument("--gpu", action="store_true", help="bf16 GPU configs (configs/gpu/)")
     p.add_argument("--data_dir", default=None, help="train.csv / dev.csv (as --write_data writes them)")
     p.add_argument("--write_data", default=None, help="write the IMDb split as CSV here and exit")
@@ -85,9 +94,7 @@ def main() -> None:
     if args.write_data:
         print(write_data(args.write_data, args.max_train_samples, args.max_eval_samples))
         return
-    if not os.path.isfile(os.path.join(args.model_dir, "model.safetensors")):
-        raise SystemExit(f"{args.model_dir}: no MPNet model (run bash bench/setup_mpnet.sh)")
-    extra = ["--model_name_or_path", args.model_dir, "--ignore_mismatched_sizes", "--save_strategy", "no"]
+    extra = ["--model_name_or_path", require_model(args.model_dir), "--ignore_mismatched_sizes", "--save_strategy", "no"]
     if args.data_dir:
         extra += ["--train_file", os.path.join(args.data_dir, "train.csv"),
                   "--validation_file", os.path.join(args.data_dir, "dev.csv")]
