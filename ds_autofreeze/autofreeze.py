@@ -184,7 +184,8 @@ class AutoFreeze:
         _, v, _, step = adam_moments(self.repartitioner.layout, self._freeze_units, n, [True] * n)
         if v is None or step is None:
             return None
-        return step, [x * (1 - self._adam_beta2() ** step) for x in v]
+        correction = 1 - self._adam_beta2() ** step
+        return step, [x * correction for x in v]
 
     def _adam_beta2(self) -> float:
         return self.repartitioner.layout.inner.param_groups[0]["betas"][1]

@@ -49,6 +49,11 @@ def clip_rescale(opt: torch.optim.Optimizer, before: list, previous: dict | None
     return (v([p for p in before if p.requires_grad]) / v(before)) ** 0.5
 
 
+def adam_reading(opt: torch.optim.Optimizer, params: list, step: int) -> dict:
+    """Each parameter's exp_avg_sq at optimizer step ``step``: ``clip_rescale``'s ``previous``."""
+    return {"step": step, **{p: opt.state[p]["exp_avg_sq"].clone() for p in params}}
+
+
 def tiny_bert(num_layers: int = 4, seed: int = 0, dropout: float = 0.1, num_labels: int = 2):
     from transformers import BertConfig, BertForSequenceClassification
     torch.manual_seed(seed)

@@ -10,7 +10,7 @@ import ds_autofreeze
 from ds_autofreeze.config import ConfigError
 from ds_autofreeze.repartition import _run_view
 
-from conftest import ROOT, batches, clip_rescale, ds_config, tiny_bert
+from conftest import ROOT, adam_reading, batches, clip_rescale, ds_config, tiny_bert
 
 SCHEDULE = {"total_steps": 30, "decider": {"name": "schedule", "schedule": [
     {"fraction": 0.2, "num_frozen_blocks": 1}, {"fraction": 0.4, "num_frozen_blocks": 3}]}}  # steps 6 and 12
@@ -63,13 +63,12 @@ def reference_losses(model, data, freeze_at: dict[int, int], lr=1e-3, rescale_cl
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
         trainable = [p for p in model.parameters() if p.requires_grad]
-        reading = {"step": step, **{p: opt.state[p]["exp_avg_sq"].clone() for p in trainable}}
         if step in freeze_at:
             adapter.set_frozen(freeze_at[step])  # torch AdamW skips params whose grad stays None
             if rescale_clipping:
                 clip *= clip_rescale(opt, trainable, previous)
         if decisions_every and (step in freeze_at or step % decisions_every == 0):
-            previous = reading
+            previous = adam_reading(opt, trainable, step)  # freezing leaves the moments as they are
     return losses
 
 
