@@ -337,10 +337,11 @@ def estimated_cost(events: list[tuple[int, int]], total: int, grid: dict[tuple[i
     worst = 0.0
     for step, k in events:
         f = step / total
-        cover = [cost for (gk, gf), cost in grid.items() if gk >= k and gf <= f + 1e-9]
+        cover = [(gf, -gk) for gk, gf in grid if gk >= k and gf <= f + 1e-9]
         if not cover:
             return None
-        worst = max(worst, min(cover))
+        gf, minus_gk = max(cover)
+        worst = max(worst, grid[(-minus_gk, gf)])
     return worst
 
 
