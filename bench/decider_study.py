@@ -189,10 +189,12 @@ def resume(tasks: list[str], seeds: list[int], fractions: list[float], blocks: l
 
 
 def confirm(tasks: list[str], seeds: list[int], name: str, decider: dict[str, Any],
-            section: Optional[dict[str, Any]] = None) -> None:
+            section: Optional[dict[str, Any]] = None, reference: Optional[str] = None) -> None:
     """``decider`` (with the cache, and the other ``section`` keys of the "autofreeze" section) online on
-    each task and seed, beside the watch run of that seed (full fine-tuning: same data order and
-    dropout): accuracy, freezes, train time."""
+    each task and seed, beside full fine-tuning of that seed (same data order and dropout): the run of
+    confirm-``reference``.json where it has the seed (a ``static`` decider of 0 blocks is full
+    fine-tuning without the watch run's statistics and checkpoints), else the watch run. Accuracy,
+    freezes, train time."""
     section = section or {}
     path = os.path.join(OUT, f"confirm-{name}.json")
     done = json.load(open(path)) if os.path.isfile(path) else {"decider": decider, "section": section, "runs": {}}
@@ -217,18 +219,24 @@ def confirm(tasks: list[str], seeds: list[int], name: str, decider: dict[str, An
             done["runs"][key] = {key_: result[key_] for key_ in (metric, "train_runtime", "freeze_events", "train_steps")}
             with open(path, "w") as f:
                 json.dump(done, f, indent=1)
-    print(f"| task / seed | {name} | full (watch run) | Δ (pt) | freezes (k@step of total) |\n|---|---|---|---|---|")
+    reference_path = os.path.join(OUT, f"confirm-{reference}.json")
+    reference_runs = json.load(open(reference_path))["runs"] if reference and os.path.isfile(reference_path) else {}
+    print(f"| task / seed | {name} | full (run) | Δ (pt) | freezes (k@step of total) |\n|---|---|---|---|---|")
     paired: dict[str, list[tuple[float, float]]] = {}
     for key, r in done["runs"].items():
         task, seed = key.split("/")
         metric = TASKS[task]["metric"]
         watch_path = os.path.join(OUT, f"{task}-seed{seed}-watch.json")
-        full = json.load(open(watch_path))[metric] if os.path.isfile(watch_path) else None
+        full, source = None, ""
+        if key in reference_runs:
+            full, source = reference_runs[key][metric], f"confirm-{reference}"
+        elif os.path.isfile(watch_path):
+            full, source = json.load(open(watch_path))[metric], "watch"
         delta = "" if full is None else f"{100 * (r[metric] - full):+.2f}"
         if full is not None:
             paired.setdefault(task, []).append((r[metric], full))
         events = ", ".join(f"{e['frozen_blocks']}@{e['step']}" for e in r["freeze_events"]) or "none"
-        print(f"| {key} | {r[metric]:.4f} | {'' if full is None else f'{full:.4f}'} | {delta} | "
+        print(f"| {key} | {r[metric]:.4f} | {'' if full is None else f'{full:.4f} ({source})'} | {delta} | "
               f"{events} (of {r['train_steps']}) |")
     for task, pairs in paired.items():
         ours, full = (sum(x) / len(pairs) for x in zip(*pairs))
@@ -464,6 +472,9 @@ def main() -> None:
                    help="the decider section as JSON (default: the one in configs/autofreeze_cache.json)")
     s.add_argument("--section", type=json.loads, default=None,
                    help='other keys of the "autofreeze" section as JSON, e.g. \'{"rescale_clipping": false}\'')
+    s.add_argument("--reference", default=None,
+                   help="compare with confirm-NAME.json's runs where it has the seed (else the watch run), e.g. "
+                        "--decider '{\"name\": \"static\", \"num_frozen_blocks\": 0}' runs named full")
     for name in ("replay", "scale"):
         s = sub.add_parser(name)
         s.add_argument("--tasks", nargs="+", default=DEFAULT_TASKS, choices=list(TASKS))
@@ -482,7 +493,7 @@ def main() -> None:
         resume(args.tasks, args.seeds, args.fractions, args.blocks)
     elif args.command == "confirm":
         confirm(args.tasks, args.seeds, args.name, args.decider or base_config()["autofreeze"]["decider"],
-                args.section)
+                args.section, args.reference)
     elif args.command == "replay":
         rows = replay_all(args.tasks)
         print_replay(rows)
