@@ -78,7 +78,7 @@ def test_overhead_bench_counts_the_statistics_ops_of_a_never_freezing_run(tmp_pa
 def test_a_replayed_freeze_costs_what_the_nearest_covering_resume_point_cost():
     """The decider study reads a replayed freeze's cost at the latest measured fraction no later than
     the freeze, with the fewest blocks no fewer than its own: not the cheapest covering point, which
-    read the 12-block model's freezes as free off one early resume that happened to score high."""
+    read every 12-block freeze as free off the one early resume that scored above full fine-tuning."""
     from decider_study import estimated_cost
     grid = {(8, 0.1): -1.4, (8, 0.2): 2.15, (4, 0.2): 0.5}
     assert estimated_cost([(30, 4)], 100, grid) == 0.5
