@@ -196,6 +196,13 @@ def confirm(tasks: list[str], seeds: list[int], name: str, decider: dict[str, An
     fine-tuning without the watch run's statistics and checkpoints), else the watch run. Accuracy,
     freezes, train time."""
     section = section or {}
+    reference_runs: dict[str, Any] = {}
+    if reference:  # read first: a misspelt name should stop before the runs, not after them
+        reference_path = os.path.join(OUT, f"confirm-{reference}.json")
+        if not os.path.isfile(reference_path):
+            raise SystemExit(f"--reference {reference}: no {reference_path} (make it with confirm --name {reference})")
+        with open(reference_path) as f:
+            reference_runs = json.load(f)["runs"]
     path = os.path.join(OUT, f"confirm-{name}.json")
     done = json.load(open(path)) if os.path.isfile(path) else {"decider": decider, "section": section, "runs": {}}
     if done["decider"] != decider or done.get("section", {}) != section:
@@ -219,8 +226,6 @@ def confirm(tasks: list[str], seeds: list[int], name: str, decider: dict[str, An
             done["runs"][key] = {key_: result[key_] for key_ in (metric, "train_runtime", "freeze_events", "train_steps")}
             with open(path, "w") as f:
                 json.dump(done, f, indent=1)
-    reference_path = os.path.join(OUT, f"confirm-{reference}.json")
-    reference_runs = json.load(open(reference_path))["runs"] if reference and os.path.isfile(reference_path) else {}
     print(f"| task / seed | {name} | full (run) | Δ (pt) | freezes (k@step of total) |\n|---|---|---|---|---|")
     paired: dict[str, list[tuple[float, float]]] = {}
     for key, r in done["runs"].items():
@@ -345,11 +350,11 @@ def estimated_cost(events: list[tuple[int, int]], total: int, grid: dict[tuple[i
     worst = 0.0
     for step, k in events:
         f = step / total
-        cover = [(gf, -gk) for gk, gf in grid if gk >= k and gf <= f + 1e-9]
+        cover = [(gk, gf) for gk, gf in grid if gk >= k and gf <= f + 1e-9]
         if not cover:
             return None
-        gf, minus_gk = max(cover)
-        worst = max(worst, grid[(-minus_gk, gf)])
+        nearest = max(cover, key=lambda point: (point[1], -point[0]))  # latest fraction, then fewest blocks
+        worst = max(worst, grid[nearest])
     return worst
 
 

@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
 
 from compare import run_command, write_config  # noqa: E402
@@ -86,3 +88,23 @@ def test_a_replayed_freeze_costs_what_the_nearest_covering_resume_point_cost():
     assert estimated_cost([(30, 4), (40, 8)], 100, grid) == 2.15  # a schedule costs its costliest freeze
     assert estimated_cost([(15, 4)], 100, grid) == 0.0  # a measured gain is no cost, not a credit
     assert estimated_cost([(5, 4)], 100, grid) is None  # nothing measured that early
+
+
+def test_confirm_compares_with_the_reference_runs_and_refuses_a_missing_reference(tmp_path, monkeypatch, capsys):
+    """``confirm --reference NAME`` takes full fine-tuning from confirm-NAME.json where it has the seed,
+    else from the watch run; a reference that does not exist stops before any run."""
+    import decider_study
+    monkeypatch.setattr(decider_study, "OUT", str(tmp_path))
+    decider = {"name": "schedule", "schedule": [{"fraction": 0.1, "num_frozen_blocks": 8}]}
+    run = {"train_runtime": 1.0, "train_steps": 124, "freeze_events": [{"frozen_blocks": 8, "step": 12}]}
+    (tmp_path / "confirm-x.json").write_text(json.dumps({"decider": decider, "section": {}, "runs": {
+        "mpnet/42": {**run, "eval_accuracy": 0.87}, "mpnet/43": {**run, "eval_accuracy": 0.86}}}))
+    (tmp_path / "confirm-full.json").write_text(json.dumps({"decider": {}, "section": {}, "runs": {
+        "mpnet/43": {**run, "eval_accuracy": 0.84, "freeze_events": []}}}))
+    (tmp_path / "mpnet-seed42-watch.json").write_text(json.dumps({"eval_accuracy": 0.85}))
+    decider_study.confirm(["mpnet"], [42, 43], "x", decider, reference="full")
+    table = capsys.readouterr().out
+    assert "| mpnet/42 | 0.8700 | 0.8500 (watch) | +2.00 |" in table
+    assert "| mpnet/43 | 0.8600 | 0.8400 (confirm-full) | +2.00 |" in table
+    with pytest.raises(SystemExit, match="--reference fulll"):
+        decider_study.confirm(["mpnet"], [44], "x", decider, reference="fulll")
