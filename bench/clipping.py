@@ -74,7 +74,8 @@ def record(task: str, seed: int, steps: int) -> None:
     DeepSpeedEngine.clip_fp32_gradients = recorded
     args, extra = study.task_args(task, seed, tempfile.mkdtemp())
     with tempfile.TemporaryDirectory() as configs:
-        config = study.section_config({"decider": {"name": "snr", "min_trainable": study.NUM_BLOCKS}}, configs, "full")
+        config = study.section_config({"decider": {"name": "snr", "min_trainable": study.NUM_BLOCKS}}, configs, "full",
+                                     task)
         sys.argv = ["finetune.py", "--deepspeed_config", config, "--output_dir", args.out,
                     "--max_train_samples", str(args.max_train_samples), "--max_eval_samples", str(args.max_eval_samples),
                     "--max_seq_length", str(args.max_seq_length), "--num_train_epochs", str(args.num_train_epochs),

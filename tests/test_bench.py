@@ -108,3 +108,14 @@ def test_confirm_compares_with_the_reference_runs_and_refuses_a_missing_referenc
     assert "| mpnet/43 | 0.8600 | 0.8400 (confirm-full) | +2.00 |" in table
     with pytest.raises(SystemExit, match="--reference fulll"):
         decider_study.confirm(["mpnet"], [44], "x", decider, reference="fulll")
+
+
+def test_a_study_task_that_names_a_learning_rate_runs_at_it_and_the_others_at_the_shipped_one(tmp_path):
+    """The decider study's configs take a task's own peak learning rate (optimizer and warmup peak alike,
+    or the warmup would climb to the shipped rate); tasks that name none keep the shipped config's."""
+    import decider_study
+    shipped = decider_study.base_config()["optimizer"]["params"]["lr"]
+    for task, lr in (("mpnet", shipped), ("mpnet-lr5e-5", 5e-5)):
+        config = json.loads(open(decider_study.section_config({}, str(tmp_path), task, task)).read())
+        assert (config["optimizer"]["params"]["lr"], config["scheduler"]["params"]["warmup_max_lr"]) == (lr, lr)
+    assert shipped != 5e-5
