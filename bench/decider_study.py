@@ -347,7 +347,8 @@ def resume_grid(task: str, seed: int = 42) -> dict[tuple[int, float], float]:
         watch = json.load(f)
     with open(path) as f:
         resumes = json.load(f)
-    return {(int(name.split("@")[0]), round(r["step"] / watch["train_steps"], 3)): 100 * (watch[metric] - r[metric])
+    # Not rounded: a freeze replayed at the very step a resume froze must read that resume (72 / 124).
+    return {(int(name.split("@")[0]), r["step"] / watch["train_steps"]): 100 * (watch[metric] - r[metric])
             for name, r in resumes.items()}
 
 

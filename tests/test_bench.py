@@ -90,6 +90,18 @@ def test_a_replayed_freeze_costs_what_the_nearest_covering_resume_point_cost():
     assert estimated_cost([(5, 4)], 100, grid) is None  # nothing measured that early
 
 
+def test_a_replayed_freeze_at_the_step_a_resume_froze_costs_what_that_resume_cost(tmp_path, monkeypatch):
+    """The resume grid keeps each resume's fraction exact: rounded (72 / 124 -> 0.581 > 0.5806), it no
+    longer covered a freeze replayed at that very step, which then read an earlier, other resume."""
+    import decider_study
+    monkeypatch.setattr(decider_study, "RESUME_DIR", str(tmp_path))
+    (tmp_path / "mpnet-seed42-watch.json").write_text(json.dumps({"train_steps": 124, "eval_accuracy": 0.8875}))
+    (tmp_path / "mpnet-seed42-resume.json").write_text(json.dumps({
+        "8@0.1": {"eval_accuracy": 0.88, "step": 12}, "4@0.6": {"eval_accuracy": 0.882, "step": 72}}))
+    cost = decider_study.estimated_cost([(72, 4)], 124, decider_study.resume_grid("mpnet", 42))
+    assert cost == pytest.approx(0.55)
+
+
 def test_confirm_compares_with_the_reference_runs_and_refuses_a_missing_reference(tmp_path, monkeypatch, capsys):
     """``confirm --reference NAME`` takes full fine-tuning from confirm-NAME.json where it has the seed,
     else from the watch run; a reference that does not exist stops before any run."""
