@@ -77,7 +77,7 @@ TASKS: dict[str, dict[str, Any]] = {
     "mpnet": {"sizes": (2000, 2000, 2), "seq": 128, "interval": 3, "metric": "eval_accuracy", "task": None,
               "source": "imdb", "model": "mpnet", "blocks": 12},
 }
-# The same at BERT-base's usual learning rate (the top of the paper's {2, 3, 5}e-5) instead of the MiniLM
+# The same at BERT-base's usual learning rate (the top of BERT's recommended {2, 3, 5}e-5) instead of the MiniLM
 # configs' 2e-4: whether freezing MPNet's first blocks early is free, or only undoes a too-high rate.
 TASKS["mpnet-lr5e-5"] = {**TASKS["mpnet"], "lr": 5e-5}
 DEFAULT_TASKS = [t for t in TASKS if "model" not in TASKS[t]]
