@@ -31,6 +31,14 @@ def load_config(path: str) -> dict:
         return json.load(f)
 
 
+def with_learning_rate(config: dict, lr: Optional[float]) -> dict:
+    """``config`` with ``lr`` as its peak learning rate (None: as it is): the optimizer's and the warmup's
+    peak alike, or the warmup would climb to the config's own."""
+    if lr is not None:
+        config["optimizer"]["params"]["lr"] = config["scheduler"]["params"]["warmup_max_lr"] = lr
+    return config
+
+
 def write_config(config: dict, directory: str, name: str) -> str:
     """``config`` written as ``directory``/``name``.json, for a run's --deepspeed_config; the path."""
     path = os.path.join(directory, f"{name}.json")

@@ -53,7 +53,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
-from compare import load_config, run_one, write_config  # noqa: E402
+from compare import load_config, run_one, with_learning_rate, write_config  # noqa: E402
 from mpnet import MPNET_DIR, require_model, write_data  # noqa: E402
 from tasks import SETTINGS as TASK_SETTINGS  # noqa: E402
 
@@ -94,9 +94,7 @@ def base_config() -> dict:
 def section_config(autofreeze: dict, directory: str, name: str, task: str) -> str:
     """configs/autofreeze_cache.json with ``autofreeze`` as its whole "autofreeze" section and the task's
     peak learning rate where it names one, written."""
-    config = {**base_config(), "autofreeze": autofreeze}
-    if "lr" in TASKS[task]:
-        config["optimizer"]["params"]["lr"] = config["scheduler"]["params"]["warmup_max_lr"] = TASKS[task]["lr"]
+    config = with_learning_rate({**base_config(), "autofreeze": autofreeze}, TASKS[task].get("lr"))
     return write_config(config, directory, name)
 
 

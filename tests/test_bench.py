@@ -131,3 +131,12 @@ def test_a_study_task_that_names_a_learning_rate_runs_at_it_and_the_others_at_th
         config = json.loads(open(decider_study.section_config({}, str(tmp_path), task, task)).read())
         assert (config["optimizer"]["params"]["lr"], config["scheduler"]["params"]["warmup_max_lr"]) == (lr, lr)
     assert shipped != 5e-5
+
+
+def test_the_mpnet_bench_runs_every_row_at_its_learning_rate(tmp_path):
+    """bench/mpnet.py's --lr reaches the full row and each decider row alike, warmup peak included."""
+    import mpnet
+    for config, decider in (("configs/full.json", None), ("configs/autofreeze_cache.json", "gradnorm")):
+        cfg = json.loads(open(mpnet.prepared(config, str(tmp_path), False, 5e-5, decider)).read())
+        assert (cfg["optimizer"]["params"]["lr"], cfg["scheduler"]["params"]["warmup_max_lr"]) == (5e-5, 5e-5)
+    assert cfg["autofreeze"]["decider"]["name"] == "gradnorm"
