@@ -266,10 +266,9 @@ class AutoFreeze:
         tag = str(tag) if tag is not None else f"global_step{engine.global_steps}"
         if self.cache is not None:
             self.cache.flush()  # the manifest recorded below must describe what is on disk
-        moments = self.controller.moments if self.controller is not None else None
         save_state(os.path.join(save_dir, tag), engine.global_rank,
                    self.state_dict() if engine.global_rank == 0 else None,
-                   moments.state_dict() if moments is not None else None)
+                   self.controller.interval_state() if self.controller is not None else None)
         if dist.is_initialized():
             dist.barrier()
         return self._originals["save_checkpoint"](save_dir, tag, *args, **kwargs)
@@ -303,7 +302,7 @@ class AutoFreeze:
             world = dist.get_world_size() if dist.is_initialized() else 1
             sums = read_gradient_sums(tag_dir, self.engine.global_rank, self.engine.device) \
                 if state.get("world_size", 1) == world else None
-            self.controller.load_gradient_sums(sums)
+            self.controller.load_interval_state(sums)
             if self.decider.interval is None:
                 self._decide()  # a schedule resumed past one of its steps freezes now
         return result

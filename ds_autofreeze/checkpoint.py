@@ -3,8 +3,9 @@
 - ``autofreeze_state.json`` (rank 0): the boundary, freeze events, the decider's state (its log
   included), the cache manifest, the world size and the resolved config: what a resumed run needs to
   continue exactly where the saved one was.
-- ``autofreeze_grad_sums_rank{r}.pt`` (each rank): its gradient sums since the last decision, laid
-  out over its own optimizer partition (a tensor file: torch.load with weights_only).
+- ``autofreeze_grad_sums_rank{r}.pt`` (each rank): its statistics' sums since the last decision
+  (gradient moments, update progress), laid out over its own optimizer partition (a tensor file:
+  torch.load with weights_only).
 Both are written before DeepSpeed writes ``latest``, so a tag that ``latest`` names is complete.
 """
 from __future__ import annotations

@@ -18,9 +18,9 @@ from .config import AutoFreezeConfig, ConfigError
 from .deciders import Decider, build_decider
 from .model_adapter import ModelAdapter
 from .repartition import OptimizerLayout
-from .statistics import BlockStats, GradientMoments, ProbeDrift, adam_moments, lr_at
+from .statistics import BlockStats, GradientMoments, ProbeDrift, UpdateProgress, adam_moments, lr_at
 
-ALL_STATISTICS = frozenset({"grad", "adam", "scale", "drift"})
+ALL_STATISTICS = frozenset({"grad", "adam", "scale", "drift", "progress"})
 # Watch runs (log_statistics) keep this many past intervals' gradient sums and probe outputs, so
 # their logs replay exactly at up to this many times their interval (BlockStats.merge).
 LOGGED_HISTORY = 8
@@ -38,6 +38,7 @@ class FreezeController:
         self.decider: Decider = build_decider(config.decider, adapter.num_blocks, config.total_steps, warmup)
         self.measure = (self.decider.needs | ALL_STATISTICS) if config.log_statistics else self.decider.needs
         self.moments: Optional[GradientMoments] = None
+        self.progress: Optional[UpdateProgress] = None
         self.scale_state: Optional[dict[str, Any]] = None  # the recent gradient scale between optimizers
         self.layout: Optional[OptimizerLayout] = None
         self.probe: Optional[ProbeDrift] = None
@@ -49,7 +50,9 @@ class FreezeController:
         if self.moments is not None:
             self.scale_state = self.moments.scale_state()
             self.moments.close()
-        self.moments = self.layout = None
+        if self.progress is not None:
+            self.progress.close()
+        self.moments = self.progress = self.layout = None
 
     def bind(self, optimizer: Any) -> None:
         """(Re)attach to the optimizer, after it is built or rebuilt: the gradient sums start over,
@@ -71,14 +74,18 @@ class FreezeController:
                                            sums="grad" in self.measure, scale_decay=decay)
             if self.scale_state is not None:
                 self.moments.load_scale(self.scale_state)
+        # Progress is Adam's update recomputed: optimizers without its moments log none.
+        if "progress" in self.measure and "betas" in self.layout.inner.param_groups[0]:
+            self.progress = UpdateProgress(self.layout, self._block_of(), self.adapter.num_blocks)
 
     def set_probe(self, batch: dict[str, torch.Tensor]) -> None:
         """This rank's shard of the probe set for the drift statistic (same size on every rank)."""
         self.probe = ProbeDrift(self.adapter, batch, self.history)
 
     def decide(self, step: int, boundary: int) -> int:
-        if self.moments is not None:
-            self.moments.advance()
+        for hook in (self.moments, self.progress):
+            if hook is not None:
+                hook.advance()
         deciding = self.decider.is_decision_step(step)
         reads = self.measure if deciding else self.decider.reads_between(step)
         stats = self.statistics(step, boundary, reads) if reads else None
@@ -102,6 +109,8 @@ class FreezeController:
                 self.moments.collect(measured)
         if "scale" in measure and self.moments is not None:
             stats.grad_sq_recent = self.moments.recent_scale(measured)
+        if "progress" in measure and self.progress is not None:
+            stats.progress, stats.progress_rest = self.progress.collect(measured)
         if "adam" in measure:
             stats.adam_m2, stats.adam_v, stats.adam_beta1, stats.adam_step = \
                 adam_moments(self.layout, self._block_of(), n, measured)
@@ -138,12 +147,24 @@ class FreezeController:
             return
         self.decider.load_state_dict(state)
 
-    def load_gradient_sums(self, state: Optional[dict[str, Any]]) -> None:
-        """This rank's gradient sums since the last decision, as saved (None: none saved, or saved
-        on another world size). They are laid out over this rank's partitions: otherwise the
-        interval's sums start over, and the next decision covers the steps since (its K says so)."""
-        if self.moments is not None and state is not None:
+    def interval_state(self) -> Optional[dict[str, Any]]:
+        """This rank's sums since the last decision (gradient moments, update progress), for a checkpoint."""
+        state: dict[str, Any] = {}
+        for sums in (self.moments, self.progress):
+            if sums is not None:
+                state.update(sums.state_dict())
+        return state or None
+
+    def load_interval_state(self, state: Optional[dict[str, Any]]) -> None:
+        """This rank's sums since the last decision, as saved (None: none saved, or saved on another
+        world size). They are laid out over this rank's partitions: otherwise the interval's sums
+        start over, and the next decision covers the steps since (its K says so)."""
+        if state is None:
+            return
+        if self.moments is not None and "sums" in state:
             self.moments.load_state_dict(state)
+        if self.progress is not None:
+            self.progress.load_state_dict(state)
 
     def close(self) -> None:
         self.release()

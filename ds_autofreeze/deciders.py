@@ -21,7 +21,7 @@ from .statistics import ADAM_FIRST_ESTIMATE, BlockStats
 class Decider:
     """Base of all deciders. ``decide`` is called after every optimizer step."""
 
-    needs: frozenset[str] = frozenset()  # statistics read at decision steps: "grad", "adam", "scale", "drift"
+    needs: frozenset[str] = frozenset()  # statistics read at decision steps: "grad", "adam", "scale", "drift", "progress"
 
     def __init__(self, config: _DeciderBase, num_blocks: int, total_steps: Optional[int], warmup_steps: int = 0):
         self.config = config

@@ -16,6 +16,10 @@
   fine-tuning run the whole run's average) is not. A float per block, added up in the same hook.
 - Output drift on a probe set (``ProbeDrift``): each block's output on fixed training examples
   (eval mode, sharded over the ranks), projected to a few dimensions, against the previous decision's.
+- Each update's first-order progress (``UpdateProgress``): per block and step, -g_b(t+1) . dtheta_b(t),
+  what Adam's update of the block at step t did to the training loss as the next batch measures it:
+  the block's share of the run's learning, in the loss's own units. A float per block and step of the
+  interval.
 
 With a ``history`` of h (watch runs, ``log_statistics``), the last h intervals' gradient sums and
 probe outputs are kept too, and each interval also logs <A_b, A_b'> with each of them and the drift
@@ -79,6 +83,11 @@ class BlockStats:
     drift_back: Optional[list[Optional[list[float]]]] = None
     """With a history: per block, the drift since the probe measurement j + 1 before this one
     (j = 0 is ``drift``)."""
+    progress: Optional[list[Optional[list[float]]]] = None
+    """Per block, per update of the interval: -g_b(t+1) . dtheta_b(t), the training loss's first-order
+    decrease owed to the block's update at step t (``UpdateProgress``)."""
+    progress_rest: Optional[list[float]] = None
+    """The same for the trainable parameters outside the blocks (embeddings, task head)."""
     lr: Optional[float] = None
     """Learning rate of the interval's last step (first param group)."""
     future_lr_sum: Optional[float] = None
@@ -136,8 +145,8 @@ class BlockStats:
         logged dot products with the earlier parts (``grad_dots``), Q and K add up, and the drift over
         the whole is the last part's drift since the first part's start (``drift_back``). The last
         part's point-in-time fields (step, learning rates, Adam's moments, the recent gradient scale)
-        are kept; the L1 norm is not composable and is dropped. Parts need a history as long as there
-        are parts after the first."""
+        are kept; the L1 norm is not composable and is dropped; the per-update progress is the parts'
+        in order. Parts need a history as long as there are parts after the first."""
         if len(parts) == 1:
             return parts[0]
         last, blocks, m = parts[-1], len(parts[-1].grad_sum_sq), len(parts)
@@ -157,10 +166,15 @@ class BlockStats:
         drift = None
         if last.drift_back is not None:
             drift = [None if d is None or len(d) < m else d[m - 1] for d in last.drift_back]
+        progress = rest = None
+        if all(p.progress is not None for p in parts):
+            progress = [None if any(p.progress[b] is None for p in parts) else [v for p in parts for v in p.progress[b]]
+                        for b in range(blocks)]
+            rest = [v for p in parts for v in p.progress_rest or []]
         return cls(step=last.step, steps=sum(p.steps for p in parts), grad_l1=[None] * blocks, grad_sum_sq=a2,
                    grad_sq_sum=q, adam_m2=last.adam_m2, adam_v=last.adam_v, adam_beta1=last.adam_beta1,
                    adam_step=last.adam_step, grad_sq_recent=last.grad_sq_recent,
-                   drift=drift, lr=last.lr, future_lr_sum=last.future_lr_sum,
+                   drift=drift, progress=progress, progress_rest=rest, lr=last.lr, future_lr_sum=last.future_lr_sum,
                    future_lr_sq_sum=last.future_lr_sq_sum)
 
 
@@ -335,6 +349,124 @@ class GradientMoments:
     def nbytes(self) -> int:
         tensors = [*self._sums, *(t for past in self._past for t in past)]
         return sum(t.numel() * t.element_size() for t in [*tensors, self._sq, self._scale])
+
+
+class UpdateProgress:
+    """What each optimizer update did to the training loss, per block, to first order (module doc).
+
+    In the pre-hook of step t + 1 the inner optimizer still holds what its step t left: Adam's moments
+    and step count, and (kept from the previous call) the rate and weight decay that step used. Its
+    update was dtheta = -lr m / (1 - b1^t) / (sqrt(v / (1 - b2^t)) + eps), minus lr wd theta where the
+    decay is decoupled, so -g(t+1) . dtheta is read from tensors that exist anyway: no copy of the
+    parameters. g(t+1) is the next batch's gradient, whose noise is independent of the update, so the
+    product's mean is the update's first-order effect on the expected loss; g(t) would be biased by
+    the noise it put into m. theta(t) in the decay term is read as theta(t+1): a second-order error.
+    Clipping scales g(t+1) alike for every block (shares stay put). Each rank adds up the elements it
+    holds into a float per block, and one for the trainable parameters outside the blocks, per step;
+    a decision all-reduces the interval's steps. Steps from before a resume are not saved: the first
+    interval after one covers fewer updates, and says so by its length."""
+
+    def __init__(self, layout: OptimizerLayout, block_of: dict[int, int], num_blocks: int):
+        self.num_blocks = num_blocks
+        frags = layout.owned_fragments()
+        device = frags[0].tensor.device if frags else torch.device("cpu")
+        self._segments: dict[int, list[tuple[int, Fragment]]] = {}  # per optimizer tensor: (row, fragment)
+        for f in frags:
+            self._segments.setdefault(id(f.tensor), []).append((block_of.get(id(f.param), num_blocks), f))
+        self._rules: dict[int, tuple] = {}  # per optimizer tensor: the update rule of its last step
+        self._order = [id(t) for group in layout.inner.param_groups for t in group["params"] if id(t) in self._segments]
+        self._matrices: dict[tuple[int, ...], torch.Tensor] = {}  # per set of tensors stepped: chunk -> row
+        self._current = torch.zeros(num_blocks + 1, dtype=torch.float64, device=device)
+        self._rows: list[torch.Tensor] = []  # the interval's finished steps
+        # Rows are pushed on a condition every rank shares (the step ran, and one ran before it since
+        # this optimizer was bound), so the ranks' row counts agree for the all-reduce.
+        self._stepped = self._started = False
+        self._handle = layout.inner.register_step_pre_hook(self._on_step)
+
+    def _on_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self._stepped = True
+        stepped = [(t, group) for group in optimizer.param_groups for t in group["params"]
+                   if id(t) in self._segments and t.grad is not None]
+        ready = [(t, self._rules[id(t)]) for t, _ in stepped
+                 if id(t) in self._rules and "exp_avg" in optimizer.state.get(t, {})]
+        for t, group in stepped:
+            self._rules[id(t)] = _update_rule(optimizer, group)
+        if not ready:
+            return
+        states = [optimizer.state[t] for t, _ in ready]
+        rows, values = [], []
+        for (t, (lr, b1, b2, eps, wd, decoupled, corrected, amsgrad)), st, n in zip(ready, states, _adam_steps(states)):
+            c1, c2 = (1 - b1 ** n, math.sqrt(1 - b2 ** n)) if corrected else (1.0, 1.0)
+            second = st["max_exp_avg_sq"] if amsgrad else st["exp_avg_sq"]
+            for row, f in self._segments[id(t)]:
+                chunks = [f.view(x).split(_CHUNK) for x in (t.grad, st["exp_avg"], second, t.detach())]
+                for g, m, v, p in zip(*chunks):
+                    g = g.float()
+                    value = torch.dot(g, m / v.sqrt().div_(c2).add_(eps)) * (lr / c1)
+                    if decoupled and wd:
+                        value = value + torch.dot(g, p.float()) * (lr * wd)
+                    rows.append(row)
+                    values.append(value)
+        key = tuple(id(t) for t, _ in ready)
+        if key not in self._matrices:  # built once per set: a host-to-device copy each step would stall a GPU
+            self._matrices[key] = _summing_matrix(rows, self.num_blocks + 1, self._current.device)
+        self._current += self._matrices[key] @ torch.stack(values).double()
+
+    def advance(self) -> None:
+        """End of an optimizer step: its row (the previous update's progress) joins the interval."""
+        if self._stepped:
+            if self._started:
+                self._rows.append(self._current.clone())
+            self._started = True
+            self._current.zero_()
+        self._stepped = False
+
+    def collect(self, measured: Sequence[bool]) -> tuple[list[Optional[list[float]]], list[float]]:
+        """(per block in ``measured``, the interval's per-update progress; the same outside the
+        blocks), summed over ranks; starts a new interval."""
+        n = self.num_blocks
+        if not self._rows:
+            return [[] if measured[b] else None for b in range(n)], []
+        local = torch.stack(self._rows)
+        self._rows = []
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(local)
+        values = local.t().tolist()
+        return [values[b] if measured[b] else None for b in range(n)], values[n]
+
+    def state_dict(self) -> dict[str, Any]:
+        """The interval's rows so far and the rule each tensor last stepped with, in the optimizer's
+        order (a run resumed on the same world size holds the same elements in the same tensors)."""
+        rows = torch.stack(self._rows) if self._rows else self._current.new_zeros(0, self.num_blocks + 1)
+        return {"progress_rows": rows.cpu(), "progress_started": self._started,
+                "progress_rules": [list(self._rules.get(key, ())) for key in self._order]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue the saved interval; a state from another layout (or from before progress was
+        measured) is ignored: the interval then covers the updates since."""
+        if len(state.get("progress_rules", ())) != len(self._order) \
+                or state["progress_rows"].shape[1:] != self._current.shape:
+            return
+        self._rows = list(state["progress_rows"].to(self._current.device))
+        self._rules = {key: tuple(rule) for key, rule in zip(self._order, state["progress_rules"]) if rule}
+        self._started = bool(state["progress_started"])
+
+    def nbytes(self) -> int:
+        return self._current.element_size() * self._current.numel() * (len(self._rows) + 1)
+
+    def close(self) -> None:
+        self._handle.remove()
+
+
+def _update_rule(optimizer: torch.optim.Optimizer, group: dict) -> tuple:
+    """(lr, b1, b2, eps, weight decay, decoupled, bias-corrected, amsgrad) of an Adam-type step of
+    ``group``: torch's Adam and AdamW say in the group whether the decay is decoupled, DeepSpeed's
+    fused and CPU Adam on the optimizer (``adam_w_mode``), and only they may turn bias correction off."""
+    b1, b2 = group["betas"]
+    decoupled = group.get("decoupled_weight_decay",
+                          isinstance(optimizer, torch.optim.AdamW) or bool(getattr(optimizer, "adam_w_mode", False)))
+    return (float(group["lr"]), float(b1), float(b2), float(group["eps"]), float(group.get("weight_decay", 0.0)),
+            bool(decoupled), bool(group.get("bias_correction", True)), bool(group.get("amsgrad", False)))
 
 
 def _adam_steps(states: Sequence[dict]) -> list[float]:

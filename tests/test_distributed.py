@@ -322,13 +322,15 @@ def watch_stats(rank: int, world: int, stage: int) -> dict:
     probe = {k: v for k, v in batches(1, micro=8, seed=9)[0].items() if k != "labels"}
     af.set_probe({k: v[rank * 8 // world:(rank + 1) * 8 // world] for k, v in probe.items()})  # this rank's shard
     accumulator = af.controller.moments.nbytes()  # before the first interval is kept for replay
+    progress_bytes = 0
     for batch in batches(6, micro=8, seed=3):
         mine = {k: v[rank * 8 // world:(rank + 1) * 8 // world] for k, v in batch.items()}
         engine.backward(engine(**mine).loss)
         engine.step()
+        progress_bytes = max(progress_bytes, af.controller.progress.nbytes())
         af.after_step()
     block_params = sum(getattr(p, "ds_numel", p.numel()) for b in range(4) for p in af.adapter.block_parameters(b))
-    return {"log": af.decider.log, "bytes": accumulator, "block_params": block_params,
+    return {"log": af.decider.log, "bytes": accumulator, "progress_bytes": progress_bytes, "block_params": block_params,
             "trainable": af.trainable_parameter_count()}
 
 
@@ -343,9 +345,14 @@ def test_partitioned_statistics_equal_unpartitioned_ones(stage):
     for r in two:
         assert len(r["log"]) == len(one["log"]) == 2
         for got, want in zip(r["log"], one["log"]):
-            for key in ("grad_l1", "grad_sum_sq", "grad_sq_sum", "adam_m2", "adam_v", "grad_sq_recent", "drift"):
+            for key in ("grad_l1", "grad_sum_sq", "grad_sq_sum", "adam_m2", "adam_v", "grad_sq_recent", "drift",
+                        "progress_rest"):
                 assert got["stats"][key] == pytest.approx(want["stats"][key], rel=1e-4), key
+            for got_b, want_b in zip(got["stats"]["progress"], want["stats"]["progress"]):
+                assert got_b == pytest.approx(want_b, rel=1e-3, abs=1e-9)
             assert got["stats"]["steps"] == 3
+        # Progress: a float per block and the rest, per step of an interval (3) and the one building.
+        assert r["progress_bytes"] <= 8 * (4 + 1) * (3 + 1)
         # ZeRO pads partitions to an alignment; Q and the recent scale are two floats per block.
         assert r["bytes"] <= 4 * r["trainable"] / 2 + 4 * 64 + 2 * 8 * 4
     assert sum(r["bytes"] for r in two) == 4 * one["block_params"] + 2 * 2 * 8 * 4

@@ -31,25 +31,31 @@ def watch(interval: int, stage: int = 0, steps: int = 8, log_statistics: bool = 
     return [BlockStats.from_json(r["stats"]) for r in autofreeze.decider.log]
 
 
-def reference(steps: int = 8) -> list[list[torch.Tensor]]:
-    """Per step, per block: the clipped gradient the optimizer consumed (plain PyTorch, same data)."""
+def reference(steps: int = 8) -> tuple[list[list[torch.Tensor]], list[list[torch.Tensor]]]:
+    """Per step, per block and then the parameters outside the blocks: the clipped gradient the
+    optimizer consumed and the update it made (plain PyTorch, same data)."""
     model = tiny_bert(dropout=0.0)
     adapter = ModelAdapter(model)
+    groups = [list(adapter.block_parameters(b)) for b in range(4)]
+    in_blocks = {id(p) for group in groups for p in group}
+    groups.append([p for p in model.parameters() if id(p) not in in_blocks])
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
-    out = []
+    grads, updates = [], []
     for batch in batches(steps):
         model(**batch).loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        out.append([torch.cat([p.grad.flatten() for p in adapter.block_parameters(b)]) for b in range(4)])
+        grads.append([torch.cat([p.grad.flatten() for p in group]) for group in groups])
+        before = [torch.cat([p.detach().flatten() for p in group]) for group in groups]
         opt.step()
+        updates.append([torch.cat([p.detach().flatten() for p in group]) - old for group, old in zip(groups, before)])
         opt.zero_grad(set_to_none=True)
-    return out
+    return grads, updates
 
 
 @pytest.mark.parametrize("stage", [0, 2])
 def test_statistics_gradient_moments_equal_direct_computation(stage):
     logged = watch(interval=4, stage=stage)
-    grads = reference()
+    grads, _ = reference()
     for record, window in zip(logged, (grads[:4], grads[4:])):
         assert record.steps == 4
         for b in range(4):
@@ -61,6 +67,22 @@ def test_statistics_gradient_moments_equal_direct_computation(stage):
             weights = [0.81 ** (record.step - 1 - i) for i in range(record.step)]
             recent = sum(w * step[b].dot(step[b]).item() for w, step in zip(weights, grads)) / sum(weights)
             assert record.grad_sq_recent[b] == pytest.approx(recent, rel=1e-4)
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_statistics_update_progress_is_the_next_gradient_against_the_real_update(stage):
+    """Each logged progress value is -g(t+1) . dtheta(t) with dtheta the parameters' real change
+    (recomputed from Adam's state in the run); an interval ending at step s holds the updates whose
+    next gradient it saw: 1..3, then 4..7."""
+    logged = watch(interval=4, stage=stage)
+    grads, updates = reference()
+    for record, updated in zip(logged, (range(1, 4), range(4, 8))):
+        for b in range(5):
+            got = record.progress[b] if b < 4 else record.progress_rest
+            want = [-grads[t][b].double().dot(updates[t - 1][b].double()).item() for t in updated]
+            assert got == pytest.approx(want, rel=1e-3, abs=1e-10)
+    # Merged intervals hold every update in order.
+    assert BlockStats.merge(logged).progress[0] == [*logged[0].progress[0], *logged[1].progress[0]]
 
 
 def test_statistics_recent_scale_carries_over_a_freeze():
