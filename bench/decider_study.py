@@ -35,6 +35,10 @@ sentences (62 steps: a short run); ``mpnet``, only when named: the 12-block all-
   adam estimator's per-step SNR against each (what ``adam_reference`` changes; prints, writes
   scale.json). Watch runs from before the recent scale was logged are skipped.
 - confirm: a config run online on every task and seed, beside the watch runs' accuracy.
+- progress: per watch run that logged each update's first-order progress (``UpdateProgress``), at each
+  resume fraction the first k blocks' share of the training loss's first-order decrease over the tenth
+  of the run before it, and in hindsight their share of the whole run's decrease still ahead, beside
+  what freezing them there cost (the resume grid); prints, writes progress.json.
 
 Runs (with checkpoints) go under bench/results/decider_study/runs/ (not committed); the summaries
 (watch logs, resume and confirm results) are written as JSON next to it.
@@ -420,6 +424,46 @@ def scale_table(tasks: list[str]) -> dict[str, Any]:
     return rows
 
 
+def progress_table(tasks: list[str]) -> dict[str, Any]:
+    """The ``progress`` command (module doc): what a rule on update progress would see at the resume
+    points, and what freezing there cost."""
+    rows: dict[str, Any] = {}
+    for task, seed in itertools.product(tasks, SEEDS):
+        path = os.path.join(OUT, f"{task}-seed{seed}-watch.json")
+        if not os.path.isfile(path):
+            continue
+        with open(path) as f:
+            run = json.load(f)
+        records = [BlockStats.from_json(d["stats"]) for d in run["decisions"]]
+        if records[-1].progress is None:
+            continue
+        total, blocks = run["train_steps"], run["num_blocks"]
+        # Per block, then the parameters outside the blocks: update i + 1's progress at index i.
+        series = [[v for r in records for v in r.progress[b]] for b in range(blocks)]
+        series.append([v for r in records for v in r.progress_rest])
+        whole = sum(map(sum, series))
+        grid = resume_grid(task, seed)
+        points = []
+        for fraction in FRACTIONS:
+            step = round(fraction * total)
+            window = [sum(s[max(0, step - round(0.1 * total)):step]) for s in series]
+            ahead = [sum(s[step:]) for s in series]
+            points.append({
+                "fraction": fraction, "step": step,
+                "recent": [round(100 * sum(window[:k]) / sum(window), 1) for k in range(1, blocks + 1)],
+                "ahead": [round(100 * sum(ahead[:k]) / whole, 1) for k in range(1, blocks + 1)],
+                "cost": {k: round(c, 2) for (k, f), c in grid.items() if abs(f - fraction) < 0.02}})
+        rows[f"{task}/{seed}"] = {"updates": len(series[0]), "progress": round(whole, 4), "points": points}
+    for name, row in rows.items():
+        print(f"{name}: first-order loss decrease over {row['updates']} updates {row['progress']}; "
+              "per fraction, the first k = 1.. blocks' share (%) of the last tenth's decrease | of the run's still ahead")
+        for point in row["points"]:
+            cost = ", ".join(f"{k} blocks cost {c:+.2f} pt" for k, c in sorted(point["cost"].items()))
+            print(f"  {point['fraction']:.0%} (step {point['step']}): " + " ".join(f"{x:5.1f}" for x in point["recent"])
+                  + " | " + " ".join(f"{x:5.1f}" for x in point["ahead"]) + (f"   [{cost}]" if cost else ""))
+    return rows
+
+
 def _label(config: dict[str, Any]) -> str:
     return " ".join(f"{k}={v}" for k, v in config.items() if k != "min_trainable") + f" min={config['min_trainable']}"
 
@@ -487,7 +531,7 @@ def main() -> None:
     s.add_argument("--reference", default=None,
                    help="compare with confirm-NAME.json's runs where it has the seed (else the watch run), e.g. "
                         "--decider '{\"name\": \"static\", \"num_frozen_blocks\": 0}' runs named full")
-    for name in ("replay", "scale"):
+    for name in ("replay", "scale", "progress"):
         s = sub.add_parser(name)
         s.add_argument("--tasks", nargs="+", default=DEFAULT_TASKS, choices=list(TASKS))
         if name == "replay":
@@ -513,9 +557,10 @@ def main() -> None:
         name = "replay" if args.tasks == DEFAULT_TASKS else "-".join(["replay", *args.tasks])
         with open(os.path.join(OUT, f"{name}.json"), "w") as f:
             json.dump(rows, f, indent=1)
-    elif args.command == "scale":
-        with open(os.path.join(OUT, "scale.json"), "w") as f:
-            json.dump(scale_table(args.tasks), f, indent=1)
+    elif args.command in ("scale", "progress"):
+        table = scale_table if args.command == "scale" else progress_table
+        with open(os.path.join(OUT, f"{args.command}.json"), "w") as f:
+            json.dump(table(args.tasks), f, indent=1)
 
 
 if __name__ == "__main__":
