@@ -102,6 +102,27 @@ def test_a_replayed_freeze_at_the_step_a_resume_froze_costs_what_that_resume_cos
     assert cost == pytest.approx(0.55)
 
 
+def test_progress_table_gives_the_prefix_shares_of_the_last_tenth_and_of_what_is_ahead(tmp_path, monkeypatch):
+    """Two decisions of a 20-update watch run on a 2-block model: block 0 does 1 a step, block 1
+    3 a step, the rest 6 until update 10 and nothing after; at 10% (update 2) the last tenth is
+    updates 1-2, and the prefix's progress still ahead is block 0's updates 3-20 of the run's 140."""
+    import decider_study
+    monkeypatch.setattr(decider_study, "OUT", str(tmp_path))
+    monkeypatch.setattr(decider_study, "RESUME_DIR", str(tmp_path))
+    monkeypatch.setattr(decider_study, "FRACTIONS", [0.1, 0.6])
+    monkeypatch.setitem(decider_study.TASKS, "toy", {"metric": "eval_accuracy", "sizes": (1, 1, 1)})
+    stats = [{"step": s, "steps": 10, "grad_sum_sq": [0, 0], "grad_sq_sum": [0, 0],
+              "progress": [[1.0] * 10, [3.0] * 10], "progress_rest": [r] * 10} for s, r in ((10, 6.0), (20, 0.0))]
+    (tmp_path / "toy-seed42-watch.json").write_text(json.dumps({
+        "train_steps": 20, "num_blocks": 2, "eval_accuracy": 0.9, "decisions": [{"stats": x} for x in stats]}))
+    (tmp_path / "toy-seed42-resume.json").write_text(json.dumps({"1@0.6": {"eval_accuracy": 0.88, "step": 12}}))
+    table = decider_study.progress_table(["toy"])["toy/42"]
+    assert table["updates"] == 20 and table["progress"] == pytest.approx(140)
+    early, late = table["points"]
+    assert early["recent"] == [10.0, 40.0] and early["ahead"] == [round(100 * 18 / 140, 1), round(100 * 72 / 140, 1)]
+    assert late["recent"] == [25.0, 100.0] and late["cost"] == {1: pytest.approx(2.0)}
+
+
 def test_confirm_compares_with_the_reference_runs_and_refuses_a_missing_reference(tmp_path, monkeypatch, capsys):
     """``confirm --reference NAME`` takes full fine-tuning from confirm-NAME.json where it has the seed,
     else from the watch run; a reference that does not exist stops before any run."""
