@@ -74,8 +74,10 @@ class FreezeController:
                                            sums="grad" in self.measure, scale_decay=decay)
             if self.scale_state is not None:
                 self.moments.load_scale(self.scale_state)
-        # Progress is Adam's update recomputed: optimizers without its moments log none.
-        if "progress" in self.measure and "betas" in self.layout.inner.param_groups[0]:
+        # Progress is Adam's update recomputed: optimizers without its moments log none. Its rows are
+        # collected at decisions only: a decider without any would pile them up.
+        if "progress" in self.measure and self.decider.interval is not None \
+                and "betas" in self.layout.inner.param_groups[0]:
             self.progress = UpdateProgress(self.layout, self._block_of(), self.adapter.num_blocks)
 
     def set_probe(self, batch: dict[str, torch.Tensor]) -> None:
