@@ -264,7 +264,7 @@ class AutoFreezeConfig(_ConfigModel):
     seeds where ``run`` lost 2.50 (docs/deciders.md)."""
     log_statistics: bool = False
     """Measure every per-block statistic (gradient moments, Adam's moments, the recent gradient
-    scale, probe drift) at each decision of an interval decider and log them with it, whatever the
+    scale, probe drift, update progress) at each decision of an interval decider and log them with it, whatever the
     decider reads (watch runs for bench/decider_study.py). Also keeps the last 8 intervals' gradient sums (8 x 4 bytes per
     trainable parameter / world size) and probe outputs, so the log replays exactly at up to 8
     times the interval."""
