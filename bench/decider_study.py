@@ -51,7 +51,7 @@ import json
 import os
 import sys
 import tempfile
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -388,18 +388,22 @@ GRID: list[dict[str, Any]] = [
 SCALE_FRACTIONS = [0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0]
 
 
+def _watch_runs(tasks: list[str]) -> Iterator[tuple[str, int, dict[str, Any], list[BlockStats]]]:
+    """(task, seed, summary, logged statistics) of each watch run in OUT."""
+    for task, seed in itertools.product(tasks, SEEDS):
+        path = os.path.join(OUT, f"{task}-seed{seed}-watch.json")
+        if os.path.isfile(path):
+            with open(path) as f:
+                run = json.load(f)
+            yield task, seed, run, [BlockStats.from_json(d["stats"]) for d in run["decisions"]]
+
+
 def scale_table(tasks: list[str]) -> dict[str, Any]:
     """Per watch run and block, the recent gradient scale over Adam's v (both estimate E||g||^2; v over
     the whole run) at the decision nearest each of SCALE_FRACTIONS, and the adam estimator's per-step SNR
     against each, averaged over the run's second half: what ``adam_reference`` changes."""
     rows: dict[str, Any] = {}
-    for task, seed in itertools.product(tasks, SEEDS):
-        path = os.path.join(OUT, f"{task}-seed{seed}-watch.json")
-        if not os.path.isfile(path):
-            continue
-        with open(path) as f:
-            run = json.load(f)
-        records = [BlockStats.from_json(d["stats"]) for d in run["decisions"]]
+    for task, seed, run, records in _watch_runs(tasks):
         if records[-1].grad_sq_recent is None:
             print(f"[{task} seed {seed}] logged before the recent scale was: skipped")
             continue
@@ -428,13 +432,7 @@ def progress_table(tasks: list[str]) -> dict[str, Any]:
     """The ``progress`` command (module doc): what a rule on update progress would see at the resume
     points, and what freezing there cost."""
     rows: dict[str, Any] = {}
-    for task, seed in itertools.product(tasks, SEEDS):
-        path = os.path.join(OUT, f"{task}-seed{seed}-watch.json")
-        if not os.path.isfile(path):
-            continue
-        with open(path) as f:
-            run = json.load(f)
-        records = [BlockStats.from_json(d["stats"]) for d in run["decisions"]]
+    for task, seed, run, records in _watch_runs(tasks):
         if records[-1].progress is None:
             continue
         total, blocks = run["train_steps"], run["num_blocks"]
