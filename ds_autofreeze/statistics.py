@@ -17,9 +17,9 @@
 - Output drift on a probe set (``ProbeDrift``): each block's output on fixed training examples
   (eval mode, sharded over the ranks), projected to a few dimensions, against the previous decision's.
 - Each update's first-order progress (``UpdateProgress``): per block and step, -g_b(t+1) . dtheta_b(t),
-  what Adam's update of the block at step t did to the training loss as the next batch measures it:
-  the block's share of the run's learning, in the loss's own units. A float per block and step of the
-  interval.
+  what Adam's update of the block at step t did to the training loss as the next batch measures it,
+  read at the step's end point: the decrease minus half the curvature along the step. A float per
+  block and step of the interval; no decider reads it (docs/deciders.md: rejected as a rule).
 
 With a ``history`` of h (watch runs, ``log_statistics``), the last h intervals' gradient sums and
 probe outputs are kept too, and each interval also logs <A_b, A_b'> with each of them and the drift
@@ -363,8 +363,9 @@ class UpdateProgress:
     the noise it put into m. theta(t) in the decay term is read as theta(t+1): a second-order error.
     Clipping scales g(t+1) alike for every block (shares stay put). Each rank adds up the elements it
     holds into a float per block, and one for the trainable parameters outside the blocks, per step;
-    a decision all-reduces the interval's steps. Steps from before a resume are not saved: the first
-    interval after one covers fewer updates, and says so by its length."""
+    a decision all-reduces the interval's steps. The interval's rows and the last update rules are
+    saved with a checkpoint (``state_dict``); the update right after a freeze, which rebuilds the
+    optimizer, is not measured, and the interval says so by its length."""
 
     def __init__(self, layout: OptimizerLayout, block_of: dict[int, int], num_blocks: int):
         self.num_blocks = num_blocks
